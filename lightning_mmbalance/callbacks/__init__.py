@@ -1,0 +1,6 @@
+"""The balancing callbacks."""
+
+from lightning_mmbalance.callbacks.base import BalancingCallback
+from lightning_mmbalance.callbacks.ogm_ge import OGMGE
+
+__all__ = ["OGMGE", "BalancingCallback"]

@@ -1,0 +1,318 @@
+"""``BalancingCallback``: the plumbing every balancing method shares.
+
+Subclasses implement the method; this class gives them, following the package's design rules:
+
+- encoder resolution and the model / strategy checks in ``setup``;
+- loss-weight negotiation with :func:`~lightning_mmbalance.multimodal_loss` (two callbacks that both set loss weights
+  is a configuration error);
+- the per-micro-batch record, with a clear error when the module never calls ``multimodal_loss``;
+- per-step statistics summed over the micro-batches of one optimizer step and reduced across ranks in one call;
+- non-finite-gradient skipping (AMP overflow steps);
+- a noise generator seeded identically on every rank;
+- ``modulate="update"``: scaling an encoder's parameter update after the optimizer step, and the warning for
+  adaptive optimizers in gradient mode;
+- logging under ``mmbalance/<method>/<quantity>/<modality>``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor, nn
+
+from lightning_mmbalance.contract import MultimodalOutput, StepRecord, resolve_encoders
+
+__all__ = ["ADAPTIVE_OPTIMIZERS", "MODULATE_MODES", "BalancingCallback"]
+
+ADAPTIVE_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (
+    torch.optim.Adam,
+    torch.optim.AdamW,
+    torch.optim.Adamax,
+    torch.optim.NAdam,
+    torch.optim.RAdam,
+    torch.optim.Adagrad,
+    torch.optim.Adadelta,
+    torch.optim.RMSprop,
+    torch.optim.SparseAdam,
+)
+MODULATE_MODES = ("gradient", "update")
+
+
+class BalancingCallback(Callback):
+    """Base class of the balancing callbacks.
+
+    A subclass sets the class attributes below and overrides the hooks it needs:
+
+    - :meth:`_micro_batch_statistics`: a 1-D float64 tensor of per-micro-batch sums; the base class adds them up over
+      the micro-batches of an optimizer step and sums them across ranks with one ``strategy.reduce`` call.
+    - :meth:`_modulate`: called once per optimizer step, in ``on_before_optimizer_step``, with those reduced
+      statistics, when the encoder gradients are finite. It edits gradients in place (it already runs under
+      ``torch.no_grad()``) or calls :meth:`_scale_update_after_step`.
+    - :meth:`loss_weights`: the weights ``multimodal_loss`` uses, if the method sets them.
+
+    Args:
+        encoders: modality -> dotted attribute path of its encoder. None uses ``pl_module.encoders``
+            (an ``nn.ModuleDict``).
+        modulate: ``"gradient"`` or ``"update"`` for methods that scale, None for methods that do not.
+
+    Example::
+
+        class HalveFirstEncoder(BalancingCallback):
+            method = "halve"
+
+            def _modulate(self, trainer, pl_module, optimizer, stats):
+                for p in self.encoder_parameters(self.modalities[0]):
+                    p.grad.mul_(0.5)
+    """
+
+    method: ClassVar[str] = "balancing"
+    """Name used in the log tags ``mmbalance/<method>/...`` and in messages."""
+    sets_loss_weights: ClassVar[bool] = False
+    requires_unimodal_logits: ClassVar[bool] = True
+    requires_features: ClassVar[bool] = False
+    supports_fsdp: ClassVar[bool] = False
+    supports_manual_optimization: ClassVar[bool] = False
+
+    def __init__(self, encoders: Mapping[str, str] | None = None, modulate: str | None = None) -> None:
+        if encoders is not None:
+            if not isinstance(encoders, Mapping) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in encoders.items()
+            ):
+                raise TypeError(
+                    "`encoders` must be a mapping of modality name to dotted attribute path (str -> str), "
+                    f"got {encoders!r}."
+                )
+            if len(encoders) < 2:
+                raise ValueError(f"`encoders` must name at least 2 modalities, got {dict(encoders)!r}.")
+        if modulate is not None and modulate not in MODULATE_MODES:
+            raise ValueError(f"`modulate` must be one of {MODULATE_MODES}, got {modulate!r}.")
+        self._encoder_paths = dict(encoders) if encoders is not None else None
+        self.modulate = modulate
+        self._encoders: dict[str, nn.Module] = {}
+        self._params: dict[str, list[nn.Parameter]] = {}
+        self._record: StepRecord | None = None
+        self._stats: Tensor | None = None
+        self._pending_update: tuple[int, list[nn.Parameter], list[Tensor], list[float]] | None = None
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    # ------------------------------------------------------------------ public read-only views
+    @property
+    def name(self) -> str:
+        """The class name, used in messages."""
+        return type(self).__name__
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """The modality names in encoder order (empty before ``setup``)."""
+        return tuple(self._encoders)
+
+    def encoder_parameters(self, modality: str) -> list[nn.Parameter]:
+        """The parameters of ``modality``'s encoder that the optimizer trains (available from ``on_train_start``)."""
+        return self._params[modality]
+
+    # ------------------------------------------------------------------ setup-time checks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Check the strategy and the module, and resolve the encoders."""
+        if stage != "fit":
+            return
+        self._check_strategy(trainer)
+        if not pl_module.automatic_optimization and not self.supports_manual_optimization:
+            raise MisconfigurationException(
+                f"{self.name} does not support manual optimization (`automatic_optimization = False` in "
+                f"{type(pl_module).__name__}): it acts inside Lightning's automatic optimizer step."
+            )
+        try:
+            self._encoders = resolve_encoders(pl_module, self._encoder_paths)
+        except (AttributeError, TypeError, ValueError) as err:
+            raise type(err)(f"{self.name}: {err}") from err
+        if self.sets_loss_weights:
+            setters = [
+                cb.name for cb in trainer.callbacks if isinstance(cb, BalancingCallback) and cb.sets_loss_weights
+            ]
+            if len(setters) > 1:
+                raise MisconfigurationException(
+                    f"Callbacks {setters} all set the loss weights of `multimodal_loss`; use at most one of them."
+                )
+
+    def _check_strategy(self, trainer: pl.Trainer) -> None:
+        from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+        strategy = trainer.strategy
+        if isinstance(strategy, DeepSpeedStrategy):
+            raise MisconfigurationException(
+                f"{self.name} does not support DeepSpeed: DeepSpeed partitions and owns the gradients. Use "
+                "`strategy='ddp'` (or 'ddp_spawn' / 'ddp_fork') instead."
+            )
+        if isinstance(strategy, FSDPStrategy | ModelParallelStrategy) and not self.supports_fsdp:
+            raise MisconfigurationException(
+                f"{self.name} does not support {type(strategy).__name__}: it needs whole (unsharded) encoder "
+                "gradients. Use `strategy='ddp'` instead."
+            )
+
+    def _check_output(self, output: MultimodalOutput) -> None:
+        """Check that the module's output carries what this method needs (called once per fit)."""
+        missing = [m for m in self.modalities if m not in output.unimodal_logits]
+        if self.requires_unimodal_logits and missing:
+            raise ValueError(
+                f"{self.name} needs per-modality logits, but `MultimodalOutput.unimodal_logits` lacks {missing}. "
+                "Use a head from `lightning_mmbalance.fusion` (ConcatFusion, SumFusion or ZeroMaskFusion) or "
+                "separate unimodal heads."
+            )
+        missing = [m for m in self.modalities if m not in output.features]
+        if self.requires_features and missing:
+            raise ValueError(
+                f"{self.name} needs the encoder features, but `MultimodalOutput.features` lacks {missing}. "
+                "Return them as `features={modality: (B, D) tensor}`."
+            )
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Collect each encoder's optimised parameters and warn about adaptive optimizers in gradient mode."""
+        optimised = {id(p) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
+        self._params = {
+            m: [p for p in enc.parameters() if p.requires_grad and id(p) in optimised]
+            for m, enc in self._encoders.items()
+        }
+        if self.modulate == "gradient":
+            adaptive = [type(opt).__name__ for opt in trainer.optimizers if isinstance(opt, ADAPTIVE_OPTIMIZERS)]
+            if adaptive:
+                rank_zero_warn(
+                    f"{self.name} scales gradients, but {adaptive[0]} normalises gradient magnitudes, which largely "
+                    f"undoes the scaling. Pass `modulate='update'` to {self.name} to scale the parameter updates "
+                    "instead.",
+                    category=UserWarning,
+                )
+
+    # ------------------------------------------------------------------ the step record and loss weights
+    def _receive_record(self, record: StepRecord) -> None:
+        self._record = record
+
+    def loss_weights(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float] | None:
+        """The loss weights this method asks ``multimodal_loss`` for: ``{"fused": w_f, modality: w_m}``, or None."""
+        return None
+
+    def _pop_record(self, pl_module: pl.LightningModule) -> StepRecord:
+        record, self._record = self._record, None
+        if record is None:
+            raise RuntimeError(
+                f"{self.name} did not receive the training step's outputs: "
+                f"`{type(pl_module).__name__}.training_step` must end with `return multimodal_loss(self, output)`, "
+                "where `output` is the MultimodalOutput of `self(batch)` "
+                "(`from lightning_mmbalance import multimodal_loss`)."
+            )
+        return record
+
+    # ------------------------------------------------------------------ per micro-batch
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        """Accumulate this micro-batch's statistics over the optimizer step."""
+        record = self._pop_record(pl_module)
+        with torch.no_grad():
+            stats = self._micro_batch_statistics(record)
+        if stats is not None:
+            self._stats = stats if self._stats is None else self._stats + stats
+
+    def _micro_batch_statistics(self, record: StepRecord) -> Tensor | None:
+        """Per-micro-batch sums (1-D float64) to add up over the step and across ranks; None if the method has none."""
+        return None
+
+    # ------------------------------------------------------------------ per optimizer step
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        """Reduce the step's statistics across ranks and let the method modulate, unless gradients are non-finite."""
+        stats, self._stats = self._stats, None
+        if not self._gradients_finite():
+            return
+        if stats is not None:
+            stats = trainer.strategy.reduce(stats, reduce_op="sum")
+        with torch.no_grad():
+            self._modulate(trainer, pl_module, optimizer, stats)
+
+    def _modulate(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer, stats: Tensor | None
+    ) -> None:
+        """Change this step's gradients (or schedule an update scaling); ``stats`` are summed over the step."""
+
+    def _gradients_finite(self) -> bool:
+        """Whether every encoder gradient is finite (False on an AMP overflow step). Synchronised under DDP."""
+        grads = [p.grad for params in self._params.values() for p in params if p.grad is not None]
+        if not grads:
+            return True
+        norms = torch._foreach_norm(grads)
+        return bool(torch.stack([n.float() for n in norms]).isfinite().all())
+
+    def encoder_gradients(self, modality: str) -> list[Tensor]:
+        """The current ``.grad`` of ``modality``'s optimised encoder parameters (those that have one)."""
+        return [p.grad for p in self._params[modality] if p.grad is not None]
+
+    # ------------------------------------------------------------------ modulate="update"
+    def _scale_update_after_step(
+        self, trainer: pl.Trainer, params: Sequence[nn.Parameter], factors: Sequence[float]
+    ) -> None:
+        """Schedule ``theta <- theta_before + factor * (theta_after - theta_before)`` for the coming optimizer step.
+
+        Call it from :meth:`_modulate`; it keeps a copy of ``params`` as they are now, and after the optimizer step
+        (in ``on_train_batch_end``) rescales their update, momentum and weight decay included.
+        """
+        keep = [(p, float(f)) for p, f in zip(params, factors, strict=True) if float(f) != 1.0]
+        if not keep:
+            return
+        if self._pending_update is None or self._pending_update[0] != trainer.global_step:
+            self._pending_update = (trainer.global_step, [], [], [])
+        _, kept, before, kept_factors = self._pending_update
+        kept.extend(p for p, _ in keep)
+        before.extend(p.detach().clone() for p, _ in keep)
+        kept_factors.extend(f for _, f in keep)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Apply a scheduled update scaling once the optimizer step has happened."""
+        if self._pending_update is None:
+            return
+        step, params, before, factors = self._pending_update
+        if trainer.global_step == step:  # the step has not run yet (it is still accumulating)
+            return
+        self._pending_update = None
+        with torch.no_grad():
+            # theta <- after + (1 - f) * (before - after) == before + f * (after - before)
+            after = [p.detach() for p in params]
+            torch._foreach_sub_(before, after)
+            torch._foreach_mul_(before, [1.0 - f for f in factors])
+            torch._foreach_add_(after, before)
+
+    # ------------------------------------------------------------------ randomness
+    def _generator(self, device: torch.device, seed: int) -> torch.Generator:
+        """A generator on ``device`` seeded with ``seed``: the same stream on every rank given the same seed."""
+        gen = self._generators.get(device)
+        if gen is None:
+            gen = self._generators[device] = torch.Generator(device=device)
+        return gen.manual_seed(seed)
+
+    # ------------------------------------------------------------------ logging
+    def tag(self, quantity: str, modality: str) -> str:
+        """The log tag ``mmbalance/<method>/<quantity>/<modality>``."""
+        return f"mmbalance/{self.method}/{quantity}/{modality}"
+
+    def _log_values(
+        self, pl_module: pl.LightningModule, values: Mapping[str, Mapping[str, float | Tensor]], on_step: bool = True
+    ) -> None:
+        """Log ``{quantity: {modality: value}}``; the values must already be identical on every rank."""
+        metrics = {self.tag(q, m): v for q, per_m in values.items() for m, v in per_m.items()}
+        pl_module.log_dict(metrics, on_step=on_step, on_epoch=not on_step, sync_dist=False, batch_size=1)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume exactly; subclasses extend it."""
+        return {"version": 1}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved."""
+        version = state_dict.get("version")
+        if version != 1:
+            raise ValueError(f"{self.name}: unsupported checkpoint state version {version!r} (expected 1).")

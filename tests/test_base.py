@@ -1,0 +1,190 @@
+from types import SimpleNamespace
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from tiny import SaveParams, ShareCallback, TinyData, TinyModel, assert_states_close, load_ranks, trainer_kwargs
+
+from lightning_mmbalance import BalancingCallback
+
+
+def _fit(callbacks, model=None, data=None, **kw):
+    trainer = pl.Trainer(**trainer_kwargs(callbacks=callbacks, **kw))
+    model = model or TinyModel()
+    trainer.fit(model, datamodule=data or TinyData())
+    return trainer, model
+
+
+def _params(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_statistics_and_gradients_applied():
+    """The factors change training, and the statistics are the sums of the step's samples."""
+    cb = ShareCallback()
+    _, model = _fit([cb], max_steps=1, data=TinyData(batch_size=8))
+    _, plain = _fit([], max_steps=1, data=TinyData(batch_size=8))
+    assert len(cb.seen) == 1
+    out = TinyModel()(next(iter(TinyData(batch_size=8).train_dataloader())))
+    y = out.targets.unsqueeze(1)
+    expected = [float(torch.softmax(out.unimodal_logits[m], 1).gather(1, y).sum()) for m in ("a", "b")]
+    assert cb.seen[0] == pytest.approx(expected, rel=1e-12)
+    assert not torch.equal(model.encoders["a"][0].weight, plain.encoders["a"][0].weight)
+    torch.testing.assert_close(model.head.weight, plain.head.weight, rtol=0, atol=0)
+
+
+def test_accumulation_equals_big_batch():
+    a_cb, b_cb = ShareCallback(), ShareCallback()
+    _, acc = _fit([a_cb], data=TinyData(batch_size=4), accumulate_grad_batches=2)
+    _, big = _fit([b_cb], data=TinyData(batch_size=8))
+    assert len(a_cb.seen) == len(b_cb.seen) == 8
+    for s1, s2 in zip(a_cb.seen, b_cb.seen, strict=True):
+        assert s1 == pytest.approx(s2, rel=1e-12)
+    assert_states_close(_params(acc), _params(big), atol=1e-12)
+
+
+def test_update_mode_scales_the_sgd_update():
+    """For plain SGD (no momentum, no weight decay) update mode equals gradient mode."""
+    _, grad_mode = _fit([ShareCallback("gradient")], max_steps=3)
+    _, update_mode = _fit([ShareCallback("update")], max_steps=3)
+    assert_states_close(_params(grad_mode), _params(update_mode), atol=1e-12)
+
+
+def test_update_mode_with_adam():
+    """The encoder update is factor x the plain Adam update of the same gradient."""
+    cb = ShareCallback("update")
+    model = TinyModel(optimizer="adam", lr=0.01)
+    before = _params(model)
+    _fit([cb], model=model, max_steps=1)
+    plain = TinyModel(optimizer="adam", lr=0.01)
+    _fit([], model=plain, max_steps=1)
+    a, b = cb.seen[0]
+    factor_a = 2 * a / (a + b)
+    key = "encoders.a.0.weight"
+    torch.testing.assert_close(
+        model.state_dict()[key] - before[key], factor_a * (plain.state_dict()[key] - before[key])
+    )
+    torch.testing.assert_close(model.head.weight, plain.head.weight, rtol=0, atol=0)
+
+
+def test_adaptive_optimizer_warns_in_gradient_mode():
+    with pytest.warns(UserWarning, match=r"Adam normalises gradient magnitudes.*modulate='update'"):
+        _fit([ShareCallback("gradient")], model=TinyModel(optimizer="adam"), max_steps=1)
+
+
+def test_non_finite_gradients_skip_the_step():
+    cb = ShareCallback()
+
+    class Overflow(TinyModel):
+        def on_after_backward(self):
+            if self.global_step == 0:
+                self.encoders["a"][0].weight.grad[0, 0] = float("inf")
+                self.head.weight.grad.zero_()
+
+        def on_before_optimizer_step(self, optimizer):
+            if self.global_step == 0:  # what the GradScaler would do: skip the step
+                optimizer.zero_grad()
+
+    _fit([cb], model=Overflow(), max_steps=2)
+    assert len(cb.seen) == 1  # step 0 skipped, step 1 modulated
+
+
+def test_two_loss_weight_setters_is_an_error():
+    class Other(ShareCallback):
+        pass
+
+    with pytest.raises(MisconfigurationException, match=r"\['ShareCallback', 'Other'\] all set the loss weights"):
+        _fit([ShareCallback(weights=True), Other(weights=True)])
+    _fit([ShareCallback(weights=True), Other()], max_steps=1)  # only one sets weights: fine
+
+
+def test_manual_optimization_refused():
+    class Manual(TinyModel):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+
+    with pytest.raises(MisconfigurationException, match="does not support manual optimization"):
+        _fit([ShareCallback()], model=Manual())
+
+
+@pytest.mark.parametrize(
+    ("cls", "match"),
+    [(DeepSpeedStrategy, "does not support DeepSpeed"), (FSDPStrategy, "does not support FSDPStrategy")],
+)
+def test_sharded_strategies_refused(cls, match):
+    trainer = SimpleNamespace(strategy=cls.__new__(cls))
+    with pytest.raises(MisconfigurationException, match=match):
+        ShareCallback()._check_strategy(trainer)
+
+
+def test_init_validation():
+    with pytest.raises(ValueError, match=r"`modulate` must be one of \('gradient', 'update'\), got 'grad'"):
+        ShareCallback("grad")
+    with pytest.raises(TypeError, match="mapping of modality name to dotted attribute path"):
+        ShareCallback(encoders={"a": 1, "b": 2})
+    with pytest.raises(ValueError, match="at least 2 modalities"):
+        ShareCallback(encoders={"a": "x"})
+
+
+def test_state_version_checked():
+    cb = ShareCallback()
+    cb.load_state_dict(cb.state_dict())
+    with pytest.raises(ValueError, match="unsupported checkpoint state version 7"):
+        cb.load_state_dict({"version": 7})
+
+
+def test_missing_unimodal_logits_error():
+    class NoUni(TinyModel):
+        def forward(self, batch):
+            out = super().forward(batch)
+            out.unimodal_logits = {}
+            return out
+
+    with pytest.raises(ValueError, match=r"ShareCallback needs per-modality logits.*lacks \['a', 'b'\]"):
+        _fit([ShareCallback()], model=NoUni())
+
+
+def test_generator_is_reproducible():
+    cb = ShareCallback()
+    a = torch.randn(3, generator=cb._generator(torch.device("cpu"), 5))
+    b = torch.randn(3, generator=cb._generator(torch.device("cpu"), 5))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_tensorboard_event_round_trip(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    cb = ShareCallback()
+    _fit([cb], logger=logger, log_every_n_steps=1, max_steps=4)
+    acc = EventAccumulator(logger.log_dir)
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert {"mmbalance/share/factor/a", "mmbalance/share/factor/b"} <= set(tags)
+    events = acc.Scalars("mmbalance/share/factor/a")
+    a, b = cb.seen[-1]
+    assert len(events) == 4 and events[-1].value == pytest.approx(2 * a / (a + b), rel=1e-6)
+
+
+def test_ddp_ranks_identical_and_equal_to_one_process(tmp_path):
+    """2 ranks x B equals 1 process x 2B, and the ranks end identical."""
+    _fit(
+        [ShareCallback(), SaveParams(tmp_path)],
+        data=TinyData(batch_size=4),
+        strategy="ddp_fork",
+        devices=2,
+        max_epochs=2,
+    )
+    rank0, rank1 = load_ranks(tmp_path)
+    assert_states_close(rank0, rank1, atol=0)
+    _, single = _fit([ShareCallback()], data=TinyData(batch_size=8), max_epochs=2)
+    assert_states_close(rank0, {k: v.cpu() for k, v in single.state_dict().items()}, atol=1e-10)
+
+
+def test_base_is_abstract_enough_to_subclass():
+    assert issubclass(ShareCallback, BalancingCallback)
+    assert ShareCallback().tag("factor", "a") == "mmbalance/share/factor/a"
