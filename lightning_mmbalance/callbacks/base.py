@@ -226,7 +226,7 @@ class BalancingCallback(Callback):
     ) -> None:
         """Reduce the step's statistics across ranks and let the method modulate, unless gradients are non-finite."""
         stats, self._stats = self._stats, None
-        if not self._gradients_finite():
+        if not _gradients_finite(optimizer):
             return
         if stats is not None:
             stats = trainer.strategy.reduce(stats, reduce_op="sum")
@@ -237,14 +237,6 @@ class BalancingCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer, stats: Tensor | None
     ) -> None:
         """Change this step's gradients (or schedule an update scaling); ``stats`` are summed over the step."""
-
-    def _gradients_finite(self) -> bool:
-        """Whether every encoder gradient is finite (False on an AMP overflow step). Synchronised under DDP."""
-        grads = [p.grad for params in self._params.values() for p in params if p.grad is not None]
-        if not grads:
-            return True
-        norms = torch._foreach_norm(grads)
-        return bool(torch.stack([n.float() for n in norms]).isfinite().all())
 
     def encoder_gradients(self, modality: str) -> list[Tensor]:
         """The current ``.grad`` of ``modality``'s optimised encoder parameters (those that have one)."""
@@ -316,3 +308,12 @@ class BalancingCallback(Callback):
         version = state_dict.get("version")
         if version != 1:
             raise ValueError(f"{self.name}: unsupported checkpoint state version {version!r} (expected 1).")
+
+
+def _gradients_finite(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether every gradient the optimizer holds is finite (False on an AMP overflow step; identical on all ranks)."""
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if not grads:
+        return True
+    norms = torch._foreach_norm(grads)
+    return bool(torch.stack([n.float() for n in norms]).isfinite().all())

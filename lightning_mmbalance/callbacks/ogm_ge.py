@@ -1,0 +1,225 @@
+"""OGM-GE callback: on-the-fly gradient modulation with generalisation enhancement.
+
+X. Peng, Y. Wei, A. Deng, D. Wang, D. Hu, "Balanced Multimodal Learning via On-the-fly Gradient Modulation",
+CVPR 2022 (arXiv 2203.15332); official code GeWu-Lab/OGM-GE_CVPR2022.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import Tensor, nn
+
+from lightning_mmbalance.callbacks.base import BalancingCallback
+from lightning_mmbalance.contract import StepRecord
+from lightning_mmbalance.functional.ogm_ge import (
+    _coefficients_from_ratios,
+    _ogm_ratios,
+    _true_class_probability_sums,
+)
+
+__all__ = ["OGMGE"]
+
+ParamFilter = str | Callable[[str, nn.Parameter], bool]
+
+
+def _is_conv_kernel(name: str, p: nn.Parameter) -> bool:
+    return p.ndim == 4
+
+
+def _is_weight(name: str, p: nn.Parameter) -> bool:
+    return p.ndim >= 2
+
+
+def _any_tensor(name: str, p: nn.Parameter) -> bool:
+    return True
+
+
+_FILTERS: dict[str, Callable[[str, nn.Parameter], bool]] = {
+    "conv": _is_conv_kernel,
+    "weights": _is_weight,
+    "all": _any_tensor,
+}
+
+
+class OGMGE(BalancingCallback):
+    r"""On-the-fly Gradient Modulation with Generalisation Enhancement (OGM-GE).
+
+    Once per optimizer step the callback scores every modality by the summed softmax probability its unimodal logits
+    give to the true class (summed over the micro-batches of the step and over DDP ranks), damps the encoder
+    gradient of the dominant modality by :math:`k = 1 - \tanh(\alpha\rho)`, and, with ``noise=True``, adds Gaussian
+    noise with the standard deviation of each unmodulated gradient tensor to the selected tensors of every modality.
+    The loss is left as the fused loss. See ``spec/ogm_ge.md`` for the exact rule and how it extends to more than two
+    modalities.
+
+    Paper: Peng et al., "Balanced Multimodal Learning via On-the-fly Gradient Modulation", CVPR 2022.
+
+    Args:
+        alpha: modulation strength, float >= 0. The official README uses 0.1; 0.8 is recommended for CREMA-D.
+        modulation_starts: first modulated epoch (0-indexed, inclusive).
+        modulation_ends: last modulated epoch (inclusive), or None for no end. The official run modulates
+            epochs 0-50 of 100.
+        noise: True for OGM-GE (the GE noise), False for plain OGM.
+        param_filter: which encoder tensors are modulated: ``"conv"`` (4-D kernels, the official choice),
+            ``"weights"`` (every tensor with ndim >= 2, for MLP/Transformer encoders), ``"all"``, or a callable
+            ``(name, parameter) -> bool`` with ``name`` relative to the encoder.
+        modulate: ``"gradient"`` scales the gradient (faithful); ``"update"`` scales the parameter update after the
+            optimizer step, which survives Adam-type optimizers.
+        seed: seed of the noise generator, int in ``[0, 2**31)``; the stream is a function of (seed, global step),
+            identical on every rank and exact on resume.
+        encoders: modality -> dotted attribute path; None uses ``pl_module.encoders``.
+
+    Example::
+
+        from lightning.pytorch import Trainer
+        from lightning_mmbalance import OGMGE
+
+        trainer = Trainer(max_epochs=100, callbacks=[OGMGE(alpha=0.8, modulation_ends=50, param_filter="conv")])
+        trainer.fit(model, datamodule=dm)  # model.training_step returns multimodal_loss(self, self(batch))
+    """
+
+    method = "ogm_ge"
+
+    def __init__(
+        self,
+        alpha: float = 0.1,
+        modulation_starts: int = 0,
+        modulation_ends: int | None = None,
+        noise: bool = True,
+        param_filter: ParamFilter = "weights",
+        modulate: str = "gradient",
+        seed: int = 0,
+        encoders: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(encoders=encoders, modulate=modulate)
+        if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not alpha >= 0 or alpha == float("inf"):
+            raise ValueError(f"`alpha` must be a finite float >= 0, got {alpha!r}.")
+        if isinstance(modulation_starts, bool) or not isinstance(modulation_starts, int) or modulation_starts < 0:
+            raise ValueError(f"`modulation_starts` must be an int >= 0, got {modulation_starts!r}.")
+        if modulation_ends is not None and (
+            isinstance(modulation_ends, bool)
+            or not isinstance(modulation_ends, int)
+            or modulation_ends < modulation_starts
+        ):
+            raise ValueError(
+                f"`modulation_ends` must be None or an int >= modulation_starts ({modulation_starts}), "
+                f"got {modulation_ends!r}."
+            )
+        if not isinstance(noise, bool):
+            raise TypeError(f"`noise` must be a bool, got {noise!r}.")
+        if not callable(param_filter) and param_filter not in _FILTERS:
+            raise ValueError(f"`param_filter` must be one of {tuple(_FILTERS)} or a callable, got {param_filter!r}.")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
+            raise ValueError(f"`seed` must be an int in [0, 2**31), got {seed!r}.")
+        self.alpha = float(alpha)
+        self.modulation_starts = modulation_starts
+        self.modulation_ends = modulation_ends
+        self.noise = noise
+        self.param_filter = param_filter
+        self.seed = seed
+        self._filter = _FILTERS[param_filter] if isinstance(param_filter, str) else param_filter
+        self._selected_names: dict[str, list[str]] = {}
+        self._selected: dict[str, list[nn.Parameter]] = {}
+
+    @property
+    def state_key(self) -> str:
+        """Distinguishes several OGMGE instances in one Trainer."""
+        filt = (
+            self.param_filter if isinstance(self.param_filter, str) else getattr(self.param_filter, "__qualname__", "")
+        )
+        return self._generate_state_key(alpha=self.alpha, param_filter=filt, encoders=self._encoder_paths)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Resolve the encoders and select the modulated tensors of each (an error if one selects nothing)."""
+        super().setup(trainer, pl_module, stage)
+        if stage != "fit":
+            return
+        self._selected_names = {}
+        for modality, encoder in self._encoders.items():
+            names = [name for name, p in encoder.named_parameters() if self._filter(name, p)]
+            if not names:
+                raise ValueError(
+                    f"OGMGE: `param_filter={self.param_filter!r}` selects no tensor of the {modality!r} encoder "
+                    f"({type(encoder).__name__}). Use `param_filter='weights'` (every tensor with ndim >= 2) or 'all'."
+                )
+            self._selected_names[modality] = names
+        summary = ", ".join(
+            f"{m}: {len(names)} tensors, "
+            f"{sum(p.numel() for n, p in self._encoders[m].named_parameters() if n in set(names)):,} elements"
+            for m, names in self._selected_names.items()
+        )
+        rank_zero_info(f"OGMGE modulates {summary}.")
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Collect the selected tensors that the optimizer trains."""
+        super().on_train_start(trainer, pl_module)
+        for modality, encoder in self._encoders.items():
+            optimised = {id(p) for p in self.encoder_parameters(modality)}
+            wanted = set(self._selected_names[modality])
+            self._selected[modality] = [p for n, p in encoder.named_parameters() if n in wanted and id(p) in optimised]
+
+    def _micro_batch_statistics(self, record: StepRecord) -> Tensor:
+        logits = {m: record.output.unimodal_logits[m] for m in self.modalities}
+        scores = _true_class_probability_sums(logits, record.output.targets)
+        count = torch.tensor(float(record.output.targets.shape[0]), dtype=torch.float64, device=record.loss.device)
+        return torch.stack([*(s.to(torch.float64) for s in scores.values()), count])
+
+    def _in_window(self, epoch: int) -> bool:
+        return self.modulation_starts <= epoch and (self.modulation_ends is None or epoch <= self.modulation_ends)
+
+    def _modulate(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer, stats: Tensor | None
+    ) -> None:
+        assert stats is not None
+        *score_values, count = stats.tolist()
+        scores = dict(zip(self.modalities, score_values, strict=True))
+        ratios = _ogm_ratios(scores)
+        coefficients = _coefficients_from_ratios(ratios, self.alpha)
+        applied = dict.fromkeys(self.modalities, 1.0)
+        if self._in_window(trainer.current_epoch):
+            applied = coefficients
+            self._apply(trainer, pl_module, coefficients)
+        self._log_values(
+            pl_module,
+            {
+                "score": {m: s / max(count, 1.0) for m, s in scores.items()},
+                "ratio": ratios,
+                "coefficient": applied,
+            },
+        )
+
+    def _apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule, coefficients: Mapping[str, float]) -> None:
+        generator = self._generator(pl_module.device, self.seed * 2**32 + trainer.global_step) if self.noise else None
+        for modality in self.modalities:
+            params = [p for p in self._selected[modality] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            k = coefficients[modality]
+            stds = [_unbiased_std(g) for g in grads] if generator is not None else None
+            if self.modulate == "gradient" and k != 1.0:
+                torch._foreach_mul_(grads, k)
+            if stds is not None:
+                for g, std in zip(grads, stds, strict=True):
+                    noise = torch.randn(g.shape, generator=generator, device=g.device, dtype=g.dtype)
+                    g.add_(noise.mul_(std.to(g.dtype)))
+            if self.modulate == "update":
+                self._scale_update_after_step(trainer, params, [k] * len(params))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Nothing persists across steps: the noise is a function of (seed, global_step)."""
+        return {"version": 1}
+
+
+def _unbiased_std(grad: Tensor) -> Tensor:
+    """The GE noise scale: unbiased std of the unmodulated gradient + 1e-8 (1e-8 for one element).
+
+    Computed in at least float32: half-precision gradients are upcast, float64 ones keep their precision.
+    """
+    if grad.numel() < 2:
+        return torch.full((), 1e-8, dtype=torch.float32, device=grad.device)
+    return (grad if grad.dtype == torch.float64 else grad.float()).std() + 1e-8

@@ -1,0 +1,118 @@
+"""OGM-GE: on-the-fly gradient modulation (Peng et al., CVPR 2022), the pure math.
+
+Each modality's score is the summed softmax probability its unimodal logits give to the true class. A modality whose
+score exceeds the mean score of the others (ratio rho > 1) is dominant and its encoder gradient is damped by
+``1 - tanh(alpha * rho)``. For two modalities this is exactly the rule of the official code (GeWu-Lab/OGM-GE_CVPR2022):
+``rho = S_second / S_first``, damp the second if ``rho > 1``, otherwise damp the first by ``1 - tanh(alpha / rho)``;
+a tie damps the first modality.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+__all__ = ["ogm_coefficients", "ogm_scores"]
+
+
+def ogm_scores(unimodal_logits: Mapping[str, Tensor], targets: Tensor) -> dict[str, Tensor]:
+    """Per-modality OGM score ``S_m = sum_i softmax(z_m,i)[y_i]``, a sum over the batch.
+
+    Args:
+        unimodal_logits: modality -> ``(B, C)`` logits, one common ``B`` and ``C``.
+        targets: ``(B,)`` integer class indices in ``[0, C)``.
+
+    Returns:
+        modality -> 0-dim detached tensor on the logits' device (float32, or float64 for float64 logits).
+
+    Raises:
+        ValueError: malformed logits or targets.
+
+    Example::
+
+        >>> z = {"a": torch.tensor([[2.0, 0.0]]), "v": torch.tensor([[0.0, 0.0]])}
+        >>> {m: round(float(s), 4) for m, s in ogm_scores(z, torch.tensor([0])).items()}
+        {'a': 0.8808, 'v': 0.5}
+    """
+    if not unimodal_logits:
+        raise ValueError("`unimodal_logits` is empty; OGM-GE needs the logits of every modality.")
+    shapes = {m: tuple(z.shape) for m, z in unimodal_logits.items()}
+    first = next(iter(shapes.values()))
+    if any(len(s) != 2 for s in shapes.values()) or len(set(shapes.values())) != 1:
+        raise ValueError(f"Every unimodal logits tensor must be (B, C) with one common B and C, got {shapes}.")
+    batch, classes = first
+    if targets.ndim != 1 or targets.shape[0] != batch or targets.is_floating_point() or targets.dtype == torch.bool:
+        raise ValueError(
+            f"`targets` must be a 1-D integer tensor of length {batch}, got {targets.dtype} of shape "
+            f"{tuple(targets.shape)}."
+        )
+    if batch and bool((targets.min() < 0) | (targets.max() >= classes)):
+        raise ValueError(f"`targets` must lie in [0, {classes}), got [{int(targets.min())}, {int(targets.max())}].")
+    return _true_class_probability_sums(unimodal_logits, targets)
+
+
+def _true_class_probability_sums(unimodal_logits: Mapping[str, Tensor], targets: Tensor) -> dict[str, Tensor]:
+    index = targets.long().unsqueeze(1)
+    out = {}
+    for m, z in unimodal_logits.items():
+        z = z.detach()
+        z = z if z.dtype == torch.float64 else z.float()
+        out[m] = torch.softmax(z, dim=1).gather(1, index).sum()
+    return out
+
+
+def _ogm_ratios(scores: Mapping[str, float]) -> dict[str, float]:
+    """``rho_m = S_m / mean_{j != m} S_j`` (``+inf`` if the others are all 0 and ``S_m > 0``; 1 for ``0 / 0``)."""
+    total = sum(scores.values())
+    n_others = len(scores) - 1
+    ratios = {}
+    for m, s in scores.items():
+        others = (total - s) / n_others
+        if others > 0:
+            ratios[m] = s / others
+        else:
+            ratios[m] = math.inf if s > 0 else 1.0
+    return ratios
+
+
+def _coefficients_from_ratios(ratios: Mapping[str, float], alpha: float) -> dict[str, float]:
+    coefficients = {m: 1.0 - math.tanh(alpha * r) if r > 1.0 else 1.0 for m, r in ratios.items()}
+    if all(r <= 1.0 for r in ratios.values()):  # a tie: the first modality is damped, as in the official code
+        coefficients[next(iter(ratios))] = 1.0 - math.tanh(alpha)
+    return coefficients
+
+
+def ogm_coefficients(scores: Mapping[str, float | Tensor], alpha: float) -> dict[str, float]:
+    """OGM-GE coefficients ``k_m``: ``1 - tanh(alpha * rho_m)`` for a dominant modality (``rho_m > 1``), else 1.
+
+    ``rho_m`` is ``S_m`` over the mean score of the other modalities. If no ratio exceeds 1 (all scores equal),
+    the first modality is damped by ``1 - tanh(alpha)``, the official tie rule. For two modalities this is exactly
+    the official rule.
+
+    Args:
+        scores: modality -> score ``S_m`` (finite, >= 0); the mapping order is the modality order.
+        alpha: modulation strength, >= 0.
+
+    Returns:
+        modality -> coefficient in ``[0, 1]``.
+
+    Raises:
+        ValueError: fewer than 2 modalities, a negative or non-finite score, or a negative alpha.
+
+    Example::
+
+        >>> {m: round(k, 6) for m, k in ogm_coefficients({"audio": 1.723699, "visual": 0.931614}, 0.1).items()}
+        {'audio': 0.81706, 'visual': 1.0}
+    """
+    values = {m: float(s) for m, s in scores.items()}
+    if len(values) < 2:
+        raise ValueError(f"OGM-GE needs at least 2 modalities, got {list(values)}.")
+    bad = {m: s for m, s in values.items() if not math.isfinite(s) or s < 0}
+    if bad:
+        raise ValueError(f"Scores must be finite and >= 0, got {bad}.")
+    if not (math.isfinite(alpha) and alpha >= 0):
+        raise ValueError(f"`alpha` must be a finite float >= 0, got {alpha!r}.")
+    return _coefficients_from_ratios(_ogm_ratios(values), alpha)
