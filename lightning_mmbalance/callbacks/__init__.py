@@ -1,6 +1,7 @@
 """The balancing callbacks."""
 
 from lightning_mmbalance.callbacks.base import BalancingCallback
+from lightning_mmbalance.callbacks.mmpareto import MMPareto
 from lightning_mmbalance.callbacks.ogm_ge import OGMGE
 
-__all__ = ["OGMGE", "BalancingCallback"]
+__all__ = ["OGMGE", "BalancingCallback", "MMPareto"]

@@ -227,6 +227,7 @@ class BalancingCallback(Callback):
         """Reduce the step's statistics across ranks and let the method modulate, unless gradients are non-finite."""
         stats, self._stats = self._stats, None
         if not _gradients_finite(optimizer):
+            self._discard_step()
             return
         if stats is not None:
             stats = trainer.strategy.reduce(stats, reduce_op="sum")
@@ -237,6 +238,9 @@ class BalancingCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer, stats: Tensor | None
     ) -> None:
         """Change this step's gradients (or schedule an update scaling); ``stats`` are summed over the step."""
+
+    def _discard_step(self) -> None:
+        """Forget what was accumulated for a step that is skipped (non-finite gradients)."""
 
     def encoder_gradients(self, modality: str) -> list[Tensor]:
         """The current ``.grad`` of ``modality``'s optimised encoder parameters (those that have one)."""

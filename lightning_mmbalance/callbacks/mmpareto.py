@@ -1,0 +1,200 @@
+"""MMPareto callback: Pareto integration of the multimodal and unimodal gradients on every encoder.
+
+Y. Wei, D. Hu, "MMPareto: Boosting Multimodal Learning with Innocent Unimodal Assistance", ICML 2024
+(arXiv 2405.17730); official code GeWu-Lab/MMPareto_ICML2024.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+
+from lightning_mmbalance.callbacks.base import BalancingCallback
+from lightning_mmbalance.functional.mmpareto import _Products, _tensor_factors
+
+__all__ = ["MMPareto"]
+
+
+class MMPareto(BalancingCallback):
+    r"""MMPareto: a common direction with enhanced magnitude for the multimodal and unimodal gradients.
+
+    The loss becomes the uniform sum :math:`L_f + \sum_m L_m` (set through ``multimodal_loss``). On every encoder
+    ``k`` the callback compares ``g_mm`` (the gradient of the fused loss) with ``g_u`` (that of the encoder's own
+    unimodal loss); if they conflict (cosine <= 0) it weights them by the two-task min-norm solution, otherwise
+    by 1/2 each, and rescales every tensor to ``gamma * max(||g_mm + g_u||, ||n||)`` along ``n = 2 w_mm g_mm +
+    2 w_u g_u``. Heads and every non-encoder parameter keep their plain gradients.
+
+    Only ``g_mm`` costs an extra autograd pass (``torch.autograd.grad`` of the fused loss, taken in
+    ``on_before_backward``); ``g_u`` is the synchronised ``.grad`` minus ``g_mm``. This assumes the encoder's own
+    unimodal loss is the only one reaching it, which holds for ``ConcatFusion``, ``SumFusion``, separate unimodal
+    heads and ``ZeroMaskFusion``.
+
+    Paper: Wei & Hu, "MMPareto: Boosting Multimodal Learning with Innocent Unimodal Assistance", ICML 2024.
+
+    Args:
+        gamma: magnitude factor, float > 0 (1.5 in the official code).
+        modulate: ``"gradient"`` (faithful) writes the final gradient; ``"update"`` writes the direction ``n`` and
+            scales each tensor's update after the optimizer step, for Adam-type optimizers.
+        encoders: modality -> dotted attribute path; None uses ``pl_module.encoders``.
+
+    Example::
+
+        from lightning.pytorch import Trainer
+        from lightning_mmbalance import MMPareto
+
+        trainer = Trainer(max_epochs=50, callbacks=[MMPareto()])
+        trainer.fit(model, datamodule=dm)  # model.training_step returns multimodal_loss(self, self(batch))
+    """
+
+    method = "mmpareto"
+    sets_loss_weights = True
+
+    def __init__(
+        self, gamma: float = 1.5, modulate: str = "gradient", encoders: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__(encoders=encoders, modulate=modulate)
+        if isinstance(gamma, bool) or not isinstance(gamma, int | float) or not (math.isfinite(gamma) and gamma > 0):
+            raise ValueError(f"`gamma` must be a finite float > 0, got {gamma!r}.")
+        self.gamma = float(gamma)
+        self._flat: Tensor | None = None
+        self._g_mm: dict[str, list[Tensor]] = {}
+        self._slices: dict[str, slice] = {}
+
+    @property
+    def state_key(self) -> str:
+        """Distinguishes several MMPareto instances in one Trainer."""
+        return self._generate_state_key(gamma=self.gamma, encoders=self._encoder_paths)
+
+    def loss_weights(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+        """The uniform sum ``L_f + sum_m L_m``."""
+        return {"fused": 1.0, **dict.fromkeys(self.modalities, 1.0)}
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Allocate one flat ``g_mm`` buffer, viewed per encoder tensor (at least float32)."""
+        super().on_train_start(trainer, pl_module)
+        params = [p for m in self.modalities for p in self.encoder_parameters(m)]
+        dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+        self._flat = torch.zeros(sum(p.numel() for p in params), dtype=dtype, device=params[0].device)
+        offset = 0
+        for m in self.modalities:
+            start = offset
+            views = []
+            for p in self.encoder_parameters(m):
+                views.append(self._flat[offset : offset + p.numel()].view_as(p))
+                offset += p.numel()
+            self._g_mm[m] = views
+            self._slices[m] = slice(start, offset)
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        """Add this micro-batch's fused-loss gradient on the encoders, normalised as Lightning normalises ``loss``."""
+        record = self._pop_record(pl_module)
+        params = [p for m in self.modalities for p in self.encoder_parameters(m)]
+        scale = _loss_scale(trainer)
+        grads = torch.autograd.grad(record.fused_loss * scale, params, retain_graph=True, allow_unused=True)
+        present = [(b, g) for b, g in zip(self._all_buffers(), grads, strict=True) if g is not None]
+        if present:
+            bufs, gs = zip(*present, strict=True)
+            # Lightning divides every micro-batch loss by accumulate_grad_batches; the AMP scale is undone here.
+            inv = 1.0 / (scale * trainer.accumulate_grad_batches)
+            torch._foreach_add_(list(bufs), torch._foreach_mul(list(gs), inv))
+
+    def _all_buffers(self) -> list[Tensor]:
+        return [b for m in self.modalities for b in self._g_mm[m]]
+
+    def _discard_step(self) -> None:
+        if self._flat is not None:
+            self._flat.zero_()
+
+    def _modulate(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer, stats: Tensor | None
+    ) -> None:
+        assert self._flat is not None
+        if trainer.world_size > 1:
+            self._flat.copy_(trainer.strategy.reduce(self._flat, reduce_op="mean"))
+        products = self._encoder_products()
+        if not all(math.isfinite(v) for row in products.values() for v in (row.v11, row.v12, row.v22)):
+            self._flat.zero_()
+            return
+        weights = {m: row.weights() for m, row in products.items()}
+        plan = self._form_directions(weights)
+        logs: dict[str, dict[str, float]] = {"cos": {}, "w_mm": {}, "conflict": {}, "grad_norm_ratio": {}}
+        for m, (params, ns, factors, plain_sq, final_sq) in plan.items():
+            if self.modulate == "update":
+                self._scale_update_after_step(trainer, params, [f for f, _ in factors])
+            else:
+                torch._foreach_mul_(ns, [f for f, _ in factors])
+            torch._foreach_copy_([p.grad for p in params], ns)
+            logs["cos"][m] = products[m].cos
+            logs["w_mm"][m] = weights[m][0]
+            logs["conflict"][m] = float(products[m].conflict)
+            logs["grad_norm_ratio"][m] = math.sqrt(final_sq / plain_sq) if plain_sq > 0 else 1.0
+        self._flat.zero_()
+        self._log_values(pl_module, logs)
+
+    def _encoder_products(self) -> dict[str, _Products]:
+        """[v11, v12, v22] per encoder from the flat g_mm slice and the concatenated ``.grad`` (one sync)."""
+        assert self._flat is not None
+        rows = []
+        for m in self.modalities:
+            g_mm = self._flat[self._slices[m]]
+            total = torch.cat([_grad_or_zeros(p).flatten() for p in self.encoder_parameters(m)]).to(g_mm.dtype)
+            g_u = total - g_mm
+            g_mm64, g_u64 = g_mm.double(), g_u.double()
+            rows.append(torch.stack([g_mm64 @ g_mm64, g_mm64 @ g_u64, g_u64 @ g_u64]))
+        values = torch.stack(rows).tolist()
+        return {m: _Products(*row) for m, row in zip(self.modalities, values, strict=True)}
+
+    def _form_directions(
+        self, weights: Mapping[str, tuple[float, float]]
+    ) -> dict[str, tuple[list[nn.Parameter], list[Tensor], list[tuple[float, bool]], float, float]]:
+        """Write n_t = 2 w_mm g_mm,t + 2 w_u g_u,t into the g_mm buffers and compute each tensor's factor.
+
+        Returns, per modality: the parameters, their direction tensors (for guarded tensors the plain sum), the
+        (factor, guarded) pairs, and the squared norms of the plain and of the final encoder gradient.
+        """
+        per_modality = {}
+        norm_lists = []
+        for m in self.modalities:
+            pairs = [
+                (p, n) for p, n in zip(self.encoder_parameters(m), self._g_mm[m], strict=True) if p.grad is not None
+            ]
+            params, ns = [p for p, _ in pairs], [n for _, n in pairs]
+            grads = [p.grad for p in params]
+            w_mm, w_u = weights[m]
+            # n = 2 w_u (g_mm + g_u) + 2 (w_mm - w_u) g_mm, written over the g_mm buffer
+            torch._foreach_mul_(ns, 2 * (w_mm - w_u))
+            torch._foreach_add_(ns, grads, alpha=2 * w_u)
+            per_modality[m] = (params, ns)
+            norm_lists += [torch._foreach_norm(grads), torch._foreach_norm(ns)]
+        flat_norms = torch.stack([n.double() for lst in norm_lists for n in lst]).tolist()
+        plan = {}
+        offset = 0
+        for m, (params, ns) in per_modality.items():
+            count = len(params)
+            totals = flat_norms[offset : offset + count]
+            n_norms = flat_norms[offset + count : offset + 2 * count]
+            offset += 2 * count
+            factors = _tensor_factors(totals, n_norms, self.gamma)
+            for n, p, (_, guarded) in zip(ns, params, factors, strict=True):
+                if guarded:  # ||n|| ~ 0: fall back to gamma * (g_mm + g_u)
+                    n.copy_(p.grad)
+            final_sq = sum(
+                (f * (s if g else nn_)) ** 2 for (f, g), s, nn_ in zip(factors, totals, n_norms, strict=True)
+            )
+            plan[m] = (params, ns, factors, sum(s * s for s in totals), final_sq)
+        return plan
+
+
+def _grad_or_zeros(p: nn.Parameter) -> Tensor:
+    return p.grad if p.grad is not None else torch.zeros_like(p)
+
+
+def _loss_scale(trainer: pl.Trainer) -> Tensor | float:
+    """The GradScaler's current scale under 16-mixed (a tensor, no device sync), else 1."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    scale = getattr(scaler, "_scale", None)
+    return scale if scale is not None else 1.0
