@@ -1,7 +1,8 @@
 """The balancing callbacks."""
 
+from lightning_mmbalance.callbacks.arl import ARL
 from lightning_mmbalance.callbacks.base import BalancingCallback
 from lightning_mmbalance.callbacks.mmpareto import MMPareto
 from lightning_mmbalance.callbacks.ogm_ge import OGMGE
 
-__all__ = ["OGMGE", "BalancingCallback", "MMPareto"]
+__all__ = ["ARL", "OGMGE", "BalancingCallback", "MMPareto"]

@@ -1,0 +1,156 @@
+"""ARL callback: asymmetric representation learning by inverse-variance reinforcement of the encoders.
+
+S. Wei, C. Luo, Y. Luo, "Improving Multimodal Learning via Imbalanced Learning", ICCV 2025 (arXiv 2507.10203);
+official code shicaiwei123/ICCV2025-ARL. This is not the AAAI 2025 paper "Asymmetric Reinforcing against
+Multi-modal Representation Bias", a different method sometimes also called ARL.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+from lightning_mmbalance.callbacks.base import BalancingCallback
+from lightning_mmbalance.contract import StepRecord
+from lightning_mmbalance.functional.arl import _batch_sums, _coefficients_from_sums
+
+__all__ = ["ARL"]
+
+
+class ARL(BalancingCallback):
+    r"""ARL: scale each encoder's gradient by :math:`1 + a_m`, plus :math:`\gamma`-weighted unimodal losses.
+
+    The coefficients ``a`` (summing to 1) come from each modality's contribution (the batch-mean L1 norm of its
+    unimodal logits) and its ideal inverse-variance share (entropy as the variance proxy, normalised and floored),
+    through a temperature softmax; see :func:`~lightning_mmbalance.functional.arl_coefficients`. The loss is
+    :math:`L_f + \gamma \sum_m L_m` after warm-up and :math:`L_f + \sum_m L_m` during it, without scaling. The
+    statistics are summed over the micro-batches of the step and over DDP ranks. The fusion head is never scaled.
+
+    To reproduce the official unimodal logits use ``ConcatFusion(bias="whole")`` (the full bias in each unimodal
+    logit). Official settings: CREMA-D ``gamma=4, temperature=8``; Kinetics-Sounds ``gamma=3, temperature=4``;
+    AVE ``gamma=5, temperature=4``; all with ``warmup_epochs=6`` and global gradient clipping at 40
+    (``Trainer(gradient_clip_val=40)``).
+
+    Paper: Wei, Luo & Luo, "Improving Multimodal Learning via Imbalanced Learning", ICCV 2025.
+
+    Args:
+        gamma: weight of the unimodal losses after warm-up, float >= 0.
+        temperature: softmax temperature ``T``, float >= 0.
+        warmup_epochs: epochs ``0 .. warmup_epochs - 1`` are warm-up (unimodal weight 1, no scaling); 6 reproduces
+            the official ``start=5``.
+        entropy_floor: floor on the normalised entropy, in ``[0, 1)``.
+        lagged: False uses the current step's coefficients (the paper); True reproduces the official code's
+            one-step lag (the first post-warm-up step applies ``1/N`` each).
+        modulate: ``"gradient"`` (faithful) or ``"update"`` (scale the encoder updates, for Adam-type optimizers).
+        encoders: modality -> dotted attribute path; None uses ``pl_module.encoders``.
+
+    Example::
+
+        from lightning.pytorch import Trainer
+        from lightning_mmbalance import ARL
+
+        trainer = Trainer(max_epochs=100, gradient_clip_val=40, callbacks=[ARL(gamma=4.0, temperature=8.0)])
+        trainer.fit(model, datamodule=dm)  # model.training_step returns multimodal_loss(self, self(batch))
+    """
+
+    method = "arl"
+    sets_loss_weights = True
+
+    def __init__(
+        self,
+        gamma: float = 4.0,
+        temperature: float = 4.0,
+        warmup_epochs: int = 6,
+        entropy_floor: float = 0.3,
+        lagged: bool = False,
+        modulate: str = "gradient",
+        encoders: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(encoders=encoders, modulate=modulate)
+        _check_float("gamma", gamma, 0.0)
+        _check_float("temperature", temperature, 0.0)
+        if isinstance(warmup_epochs, bool) or not isinstance(warmup_epochs, int) or warmup_epochs < 0:
+            raise ValueError(f"`warmup_epochs` must be an int >= 0, got {warmup_epochs!r}.")
+        if isinstance(entropy_floor, bool) or not isinstance(entropy_floor, int | float) or not 0 <= entropy_floor < 1:
+            raise ValueError(f"`entropy_floor` must be a float in [0, 1), got {entropy_floor!r}.")
+        if not isinstance(lagged, bool):
+            raise TypeError(f"`lagged` must be a bool, got {lagged!r}.")
+        self.gamma = float(gamma)
+        self.temperature = float(temperature)
+        self.warmup_epochs = warmup_epochs
+        self.entropy_floor = float(entropy_floor)
+        self.lagged = lagged
+        self._stored: dict[str, float] | None = None
+
+    @property
+    def state_key(self) -> str:
+        """Distinguishes several ARL instances in one Trainer."""
+        return self._generate_state_key(gamma=self.gamma, temperature=self.temperature, encoders=self._encoder_paths)
+
+    def _in_warmup(self, trainer: pl.Trainer) -> bool:
+        return trainer.current_epoch < self.warmup_epochs
+
+    def loss_weights(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+        """``L_f + gamma_eff * sum_m L_m`` with ``gamma_eff`` 1 during warm-up."""
+        gamma = 1.0 if self._in_warmup(trainer) else self.gamma
+        return {"fused": 1.0, **dict.fromkeys(self.modalities, gamma)}
+
+    def _micro_batch_statistics(self, record: StepRecord) -> Tensor:
+        logits = [record.output.unimodal_logits[m] for m in self.modalities]
+        count = torch.tensor([float(record.output.targets.shape[0])], dtype=torch.float64, device=record.loss.device)
+        return torch.cat([_batch_sums(logits), count])
+
+    def _modulate(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer, stats: Tensor | None
+    ) -> None:
+        assert stats is not None
+        values = stats.tolist()
+        n = len(self.modalities)
+        state = _coefficients_from_sums(values[:n], values[n : 2 * n], values[-1], self.temperature, self.entropy_floor)
+        current = dict(zip(self.modalities, state.coefficient, strict=True))
+        applied = dict.fromkeys(self.modalities, 0.0)
+        if not self._in_warmup(trainer):
+            if self.lagged:
+                applied = self._stored if self._stored is not None else dict.fromkeys(self.modalities, 1.0 / n)
+                self._stored = current
+            else:
+                applied = current
+            self._scale_encoders(trainer, applied)
+        self._log_values(
+            pl_module,
+            {
+                "contribution": dict(zip(self.modalities, state.contribution, strict=True)),
+                "entropy": dict(zip(self.modalities, state.entropy, strict=True)),
+                "ideal_share": dict(zip(self.modalities, state.ideal_share, strict=True)),
+                "coefficient": applied,
+            },
+        )
+
+    def _scale_encoders(self, trainer: pl.Trainer, coefficients: Mapping[str, float]) -> None:
+        for m in self.modalities:
+            params = [p for p in self.encoder_parameters(m) if p.grad is not None]
+            factor = 1.0 + coefficients[m]
+            if self.modulate == "update":
+                self._scale_update_after_step(trainer, params, [factor] * len(params))
+            elif params:
+                torch._foreach_mul_([p.grad for p in params], factor)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The stored (lagged) coefficients; None before the first post-warm-up step."""
+        return {"version": 1, "stored_coefficients": None if self._stored is None else dict(self._stored)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the stored coefficients."""
+        super().load_state_dict(state_dict)
+        stored = state_dict.get("stored_coefficients")
+        self._stored = None if stored is None else dict(stored)
+
+
+def _check_float(name: str, value: Any, minimum: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (math.isfinite(value) and value >= minimum):
+        raise ValueError(f"`{name}` must be a finite float >= {minimum:g}, got {value!r}.")
