@@ -1,8 +1,17 @@
 """Balanced multimodal learning as PyTorch Lightning callbacks."""
 
-from lightning_mmbalance.callbacks import ARL, OGMGE, BalancingCallback, MMPareto
+from lightning_mmbalance.callbacks import ARL, OGMGE, BalancingCallback, GradientBlending, MMPareto
 from lightning_mmbalance.contract import MultimodalOutput, multimodal_loss
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["ARL", "OGMGE", "BalancingCallback", "MMPareto", "MultimodalOutput", "__version__", "multimodal_loss"]
+__all__ = [
+    "ARL",
+    "OGMGE",
+    "BalancingCallback",
+    "GradientBlending",
+    "MMPareto",
+    "MultimodalOutput",
+    "__version__",
+    "multimodal_loss",
+]

@@ -75,7 +75,9 @@ class StepRecord:
     loss: Tensor
 
 
-def resolve_encoders(module: nn.Module, encoders: Mapping[str, str] | None = None) -> dict[str, nn.Module]:
+def resolve_encoders(
+    module: nn.Module, encoders: Mapping[str, str] | None = None, *, require_parameters: bool = True
+) -> dict[str, nn.Module]:
     """Find the encoder of every modality.
 
     Args:
@@ -114,7 +116,7 @@ def resolve_encoders(module: nn.Module, encoders: Mapping[str, str] | None = Non
     owner: dict[int, str] = {}
     for modality, encoder in resolved.items():
         params = list(encoder.parameters())
-        if not params:
+        if not params and require_parameters:
             raise ValueError(f"The encoder of modality {modality!r} ({type(encoder).__name__}) has no parameters.")
         for p in params:
             other = owner.setdefault(id(p), modality)

@@ -2,7 +2,8 @@
 
 from lightning_mmbalance.callbacks.arl import ARL
 from lightning_mmbalance.callbacks.base import BalancingCallback
+from lightning_mmbalance.callbacks.gradient_blending import GradientBlending
 from lightning_mmbalance.callbacks.mmpareto import MMPareto
 from lightning_mmbalance.callbacks.ogm_ge import OGMGE
 
-__all__ = ["ARL", "OGMGE", "BalancingCallback", "MMPareto"]
+__all__ = ["ARL", "OGMGE", "BalancingCallback", "GradientBlending", "MMPareto"]

@@ -16,17 +16,24 @@ Subclasses implement the method; this class gives them, following the package's 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import copy
+import random
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, IterableDataset, Sampler
 
 from lightning_mmbalance.contract import MultimodalOutput, StepRecord, resolve_encoders
+
+ForwardFn = Callable[[pl.LightningModule, Any], MultimodalOutput]
 
 __all__ = ["ADAPTIVE_OPTIMIZERS", "MODULATE_MODES", "BalancingCallback"]
 
@@ -76,6 +83,7 @@ class BalancingCallback(Callback):
     sets_loss_weights: ClassVar[bool] = False
     requires_unimodal_logits: ClassVar[bool] = True
     requires_features: ClassVar[bool] = False
+    requires_encoder_parameters: ClassVar[bool] = True
     supports_fsdp: ClassVar[bool] = False
     supports_manual_optimization: ClassVar[bool] = False
 
@@ -128,7 +136,9 @@ class BalancingCallback(Callback):
                 f"{type(pl_module).__name__}): it acts inside Lightning's automatic optimizer step."
             )
         try:
-            self._encoders = resolve_encoders(pl_module, self._encoder_paths)
+            self._encoders = resolve_encoders(
+                pl_module, self._encoder_paths, require_parameters=self.requires_encoder_parameters
+            )
         except (AttributeError, TypeError, ValueError) as err:
             raise type(err)(f"{self.name}: {err}") from err
         if self.sets_loss_weights:
@@ -321,3 +331,115 @@ def _gradients_finite(optimizer: torch.optim.Optimizer) -> bool:
         return True
     norms = torch._foreach_norm(grads)
     return bool(torch.stack([n.float() for n in norms]).isfinite().all())
+
+
+# ---------------------------------------------------------------------------------------- held-out data and copies
+def validation_loader(trainer: pl.Trainer, method: str) -> DataLoader:
+    """The first validation DataLoader of the fit, set up if Lightning has not built it yet.
+
+    Raises:
+        MisconfigurationException: there is none (no ``val_dataloader`` / ``validation_step``, or
+            ``limit_val_batches=0``).
+    """
+    message = (
+        f"{method} needs a held-out validation loader (val_dataloader) to measure generalisation; never pass the "
+        "test set. Give the module a `validation_step` and the Trainer a `val_dataloaders` (or the datamodule a "
+        "`val_dataloader`), with `limit_val_batches` > 0."
+    )
+    if trainer.limit_val_batches == 0:
+        raise MisconfigurationException(message)
+    val_loop = trainer.fit_loop.epoch_loop.val_loop
+    if val_loop._combined_loader is None:
+        val_loop.setup_data()
+    combined = val_loop._combined_loader
+    loaders = list(combined.flattened) if combined is not None else []
+    if not loaders or not isinstance(loaders[0], DataLoader):
+        raise MisconfigurationException(message)
+    return loaders[0]
+
+
+class _ShardSampler(Sampler[int]):
+    """Indices ``rank, rank + world, ...`` of ``order`` (no padding, so sums over ranks count each sample once)."""
+
+    def __init__(self, order: Sequence[int], rank: int, world: int) -> None:
+        self.indices = list(order)[rank::world]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def loader_view(
+    loader: DataLoader, trainer: pl.Trainer, *, shuffle_seed: int | None = None, indices: Sequence[int] | None = None
+) -> DataLoader:
+    """A new DataLoader over ``loader.dataset`` with the same batch size, collate function and workers.
+
+    The order is sequential, or a permutation drawn from ``shuffle_seed``; ``indices`` restricts it to a subset.
+    Under DDP each rank takes every ``world_size``-th sample of that order. ``drop_last`` is off, and iterating the
+    view never touches the original loader's sampler or generator. An ``IterableDataset`` is returned as is.
+    """
+    dataset = loader.dataset
+    if isinstance(dataset, IterableDataset):
+        return loader
+    order = list(range(len(dataset))) if indices is None else list(indices)
+    if shuffle_seed is not None:
+        perm = torch.randperm(len(order), generator=torch.Generator().manual_seed(shuffle_seed)).tolist()
+        order = [order[i] for i in perm]
+    return DataLoader(
+        dataset,
+        batch_size=loader.batch_size or 1,
+        sampler=_ShardSampler(order, trainer.global_rank, trainer.world_size),
+        collate_fn=loader.collate_fn,
+        num_workers=loader.num_workers,
+        pin_memory=loader.pin_memory,
+    )
+
+
+@contextmanager
+def isolated_rng(seed: int) -> Iterator[None]:
+    """Seed torch (CPU and CUDA), numpy and ``random`` with ``seed`` inside, and restore their states on exit."""
+    torch_state = torch.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(torch_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """``module.eval()`` and ``torch.no_grad()`` inside; every submodule's ``training`` flag restored on exit."""
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def detached_copy(pl_module: pl.LightningModule) -> pl.LightningModule:
+    """A deep copy of the module without its trainer reference (for training estimation copies)."""
+    trainer = pl_module._trainer
+    pl_module._trainer = None
+    try:
+        return copy.deepcopy(pl_module)
+    finally:
+        pl_module._trainer = trainer
+
+
+def run_forward(forward_fn: ForwardFn | None, module: pl.LightningModule, batch: Any) -> MultimodalOutput:
+    """``forward_fn(module, batch)``, or ``module(batch)``."""
+    return forward_fn(module, batch) if forward_fn is not None else module(batch)

@@ -1,7 +1,8 @@
 """The pure math of every method: no Lightning, unit-tested against the specifications' golden values."""
 
 from lightning_mmbalance.functional.arl import arl_coefficients
+from lightning_mmbalance.functional.gradient_blending import gblend_weights
 from lightning_mmbalance.functional.mmpareto import mmpareto_combine, pareto_weights
 from lightning_mmbalance.functional.ogm_ge import ogm_coefficients, ogm_scores
 
-__all__ = ["arl_coefficients", "mmpareto_combine", "ogm_coefficients", "ogm_scores", "pareto_weights"]
+__all__ = ["arl_coefficients", "gblend_weights", "mmpareto_combine", "ogm_coefficients", "ogm_scores", "pareto_weights"]
