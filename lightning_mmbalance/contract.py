@@ -84,6 +84,8 @@ def resolve_encoders(
         module: the LightningModule (or any ``nn.Module``).
         encoders: modality -> dotted attribute path (``{"audio": "audio_net", "visual": "backbone.visual"}``). None
             uses ``module.encoders``, which must be an ``nn.ModuleDict`` keyed by modality.
+        require_parameters: whether every encoder must have parameters (Gradient Blending only needs the modality
+            names and accepts parameter-free encoders).
 
     Returns:
         An ordered mapping modality -> encoder module; its order is the modality order of every method.
