@@ -1,6 +1,13 @@
 """Balanced multimodal learning as PyTorch Lightning callbacks."""
 
-from lightning_mmbalance.callbacks import ARL, OGMGE, BalancingCallback, GradientBlending, MMPareto
+from lightning_mmbalance.callbacks import (
+    ARL,
+    OGMGE,
+    BalancingCallback,
+    DiagnosingRelearning,
+    GradientBlending,
+    MMPareto,
+)
 from lightning_mmbalance.contract import MultimodalOutput, multimodal_loss
 
 __version__ = "0.1.0.dev0"
@@ -9,6 +16,7 @@ __all__ = [
     "ARL",
     "OGMGE",
     "BalancingCallback",
+    "DiagnosingRelearning",
     "GradientBlending",
     "MMPareto",
     "MultimodalOutput",

@@ -5,5 +5,6 @@ from lightning_mmbalance.callbacks.base import BalancingCallback
 from lightning_mmbalance.callbacks.gradient_blending import GradientBlending
 from lightning_mmbalance.callbacks.mmpareto import MMPareto
 from lightning_mmbalance.callbacks.ogm_ge import OGMGE
+from lightning_mmbalance.callbacks.relearning import DiagnosingRelearning
 
-__all__ = ["ARL", "OGMGE", "BalancingCallback", "GradientBlending", "MMPareto"]
+__all__ = ["ARL", "OGMGE", "BalancingCallback", "DiagnosingRelearning", "GradientBlending", "MMPareto"]

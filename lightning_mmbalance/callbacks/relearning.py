@@ -1,0 +1,268 @@
+"""Diagnosing & Re-learning callback: purity-gap diagnosis and soft re-initialisation of the encoders.
+
+Y. Wei, S. Li, R. Feng, D. Hu, "Diagnosing and Re-learning for Balanced Multimodal Learning", ECCV 2024
+(arXiv 2407.09705); official code GeWu-Lab/Diagnosing_Relearning_ECCV2024.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from lightning_mmbalance.callbacks.base import (
+    BalancingCallback,
+    ForwardFn,
+    eval_mode,
+    isolated_rng,
+    loader_view,
+    run_forward,
+    validation_loader,
+)
+from lightning_mmbalance.functional.relearning import _relearn_, clustering_purity, relearning_alpha
+
+__all__ = ["DiagnosingRelearning"]
+
+
+class DiagnosingRelearning(BalancingCallback):
+    r"""Diagnosing & Re-learning: pull over-fitted encoders back toward their initial weights.
+
+    After epoch ``e`` (``e > 0``, ``e % every_n_epochs == 0``, at most ``max_reinits`` times) the callback extracts
+    every encoder's features (``MultimodalOutput.features``, eval mode, no grad) on the training data and on the
+    held-out validation loader, clusters each (modality, split) with k-means (k = number of classes), and measures
+    the purity. Each encoder is then moved toward its weights at the start of training,
+    :math:`\theta \leftarrow \alpha\theta_0 + (1-\alpha)\theta` with :math:`\alpha = \tanh(\lambda |P_{train} -
+    P_{val}|)`. Buffers, heads and the optimizer state are untouched (unless ``reset_optimizer_state``).
+
+    It runs at the start of epoch ``e + 1``, so after epoch ``e``'s validation and checkpoint: a run resumed from that
+    checkpoint repeats the diagnosis exactly. The initial weights are kept in the callback's state (checkpoints grow by
+    one copy of the encoder weights). The validation loader must be a held-out split, never the test set; for the
+    training features a non-augmenting view of the training set is recommended.
+
+    Paper: Wei, Li, Feng & Hu, "Diagnosing and Re-learning for Balanced Multimodal Learning", ECCV 2024.
+
+    Args:
+        strength: ``lambda``, float >= 0 (3 in the official scripts).
+        every_n_epochs: diagnose after every ``every_n_epochs``-th epoch, int >= 1 (official 20).
+        max_reinits: at most this many diagnoses, int >= 1 (official 3).
+        n_clusters: k-means clusters, int >= 2, or None for the number of classes.
+        max_samples: diagnose on a fixed random subset of at most this many samples per split (None = all).
+        reset_optimizer_state: also drop the optimizer state (momentum, Adam moments) of the encoder parameters.
+        seed: the k-means ``random_state`` and the subset's seed, int >= 0.
+        encoders: modality -> dotted attribute path; None uses ``pl_module.encoders``.
+        forward_fn: ``(module, batch) -> MultimodalOutput`` for the feature passes; None = ``module(batch)``.
+
+    Example::
+
+        from lightning.pytorch import Trainer
+        from lightning_mmbalance import DiagnosingRelearning
+
+        trainer = Trainer(max_epochs=90, callbacks=[DiagnosingRelearning(strength=3.0, every_n_epochs=20)])
+        trainer.fit(model, datamodule=dm)  # forward returns MultimodalOutput(..., features={m: (B, D)})
+    """
+
+    method = "relearning"
+    requires_unimodal_logits = False
+    requires_features = True
+    supports_manual_optimization = True
+
+    def __init__(
+        self,
+        strength: float = 3.0,
+        every_n_epochs: int = 20,
+        max_reinits: int = 3,
+        n_clusters: int | None = None,
+        max_samples: int | None = None,
+        reset_optimizer_state: bool = False,
+        seed: int = 0,
+        encoders: Mapping[str, str] | None = None,
+        forward_fn: ForwardFn | None = None,
+    ) -> None:
+        super().__init__(encoders=encoders)
+        if isinstance(strength, bool) or not isinstance(strength, int | float) or not 0 <= strength < float("inf"):
+            raise ValueError(f"`strength` must be a finite float >= 0, got {strength!r}.")
+        _check_int("every_n_epochs", every_n_epochs, 1)
+        _check_int("max_reinits", max_reinits, 1)
+        if n_clusters is not None:
+            _check_int("n_clusters", n_clusters, 2)
+        if max_samples is not None:
+            _check_int("max_samples", max_samples, 1)
+        if not isinstance(reset_optimizer_state, bool):
+            raise TypeError(f"`reset_optimizer_state` must be a bool, got {reset_optimizer_state!r}.")
+        _check_int("seed", seed, 0)
+        if forward_fn is not None and not callable(forward_fn):
+            raise TypeError(f"`forward_fn` must be callable (module, batch) -> MultimodalOutput, got {forward_fn!r}.")
+        self.strength = float(strength)
+        self.every_n_epochs = every_n_epochs
+        self.max_reinits = max_reinits
+        self.n_clusters = n_clusters
+        self.max_samples = max_samples
+        self.reset_optimizer_state = reset_optimizer_state
+        self.seed = seed
+        self.forward_fn = forward_fn
+        self._theta0: dict[str, dict[str, Tensor]] | None = None
+        self._n_reinits = 0
+        self._last_diagnosed: int | None = None
+        self._last: dict[str, dict[str, float]] = {}
+
+    @property
+    def state_key(self) -> str:
+        """Distinguishes several DiagnosingRelearning instances in one Trainer."""
+        return self._generate_state_key(
+            strength=self.strength, every_n_epochs=self.every_n_epochs, encoders=self._encoder_paths
+        )
+
+    # ------------------------------------------------------------------ hooks
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Check the validation loader and record the initial encoder weights (unless restored from a checkpoint)."""
+        super().on_train_start(trainer, pl_module)
+        validation_loader(trainer, self.name)
+        if self._theta0 is None:
+            self._theta0 = {
+                m: {n: p.detach().cpu().clone() for n, p in enc.named_parameters()} for m, enc in self._encoders.items()
+            }
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Diagnose and re-initialise after a scheduled epoch."""
+        epoch = trainer.current_epoch - 1
+        if (
+            epoch <= 0
+            or epoch % self.every_n_epochs != 0
+            or self._n_reinits >= self.max_reinits
+            or self._last_diagnosed == epoch
+        ):
+            return
+        start = time.perf_counter()
+        purities = self._diagnose(trainer, pl_module)
+        self._last = {}
+        for m, (p_train, p_val) in purities.items():
+            alpha = relearning_alpha(p_train, p_val, self.strength)
+            self._last[m] = {"train_purity": p_train, "val_purity": p_val, "gap": abs(p_train - p_val), "alpha": alpha}
+            self._relearn(trainer, m, alpha)
+        self._n_reinits += 1
+        self._last_diagnosed = epoch
+        rank_zero_info(
+            f"DiagnosingRelearning after epoch {epoch} ({time.perf_counter() - start:.1f} s): "
+            + ", ".join(f"{m} alpha {v['alpha']:.3f}" for m, v in self._last.items())
+        )
+        quantities = ("train_purity", "val_purity", "gap", "alpha")
+        self._log_values(pl_module, {q: {m: v[q] for m, v in self._last.items()} for q in quantities}, on_step=False)
+
+    # ------------------------------------------------------------------ diagnosis
+    def _diagnose(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, tuple[float, float]]:
+        """(train purity, val purity) per modality; computed on rank 0 and broadcast."""
+        train_loader = trainer.train_dataloader
+        if not isinstance(train_loader, DataLoader):
+            raise TypeError(
+                f"{self.name} needs the training data as one DataLoader, got {type(train_loader).__name__}."
+            )
+        with isolated_rng(self.seed):
+            train = self._features(trainer, pl_module, train_loader)
+            val = self._features(trainer, pl_module, validation_loader(trainer, self.name))
+        result: dict[str, tuple[float, float]] | None = None
+        if trainer.is_global_zero:
+            (train_feats, train_y, k), (val_feats, val_y, _) = train, val
+            k = self.n_clusters or k
+            result = {
+                m: (
+                    clustering_purity(train_feats[m], train_y, k, self.seed),
+                    clustering_purity(val_feats[m], val_y, k, self.seed),
+                )
+                for m in self.modalities
+            }
+        return trainer.strategy.broadcast(result, src=0)
+
+    def _subset(self, n: int) -> list[int] | None:
+        if self.max_samples is None or self.max_samples >= n:
+            return None
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
+        return sorted(perm[: self.max_samples].tolist())
+
+    def _features(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loader: DataLoader
+    ) -> tuple[dict[str, Tensor], Tensor, int]:
+        """Features per modality, labels and the class count, over a sequential view, gathered in dataset order."""
+        indices = self._subset(len(loader.dataset))  # type: ignore[arg-type]
+        view = loader_view(loader, trainer, indices=indices)
+        feats: dict[str, list[Tensor]] = {m: [] for m in self.modalities}
+        labels: list[Tensor] = []
+        classes = 0
+        with eval_mode(pl_module), trainer.precision_plugin.forward_context():
+            for batch in view:
+                output = run_forward(self.forward_fn, pl_module, trainer.strategy.batch_to_device(batch))
+                classes = output.logits.shape[1]
+                for m in self.modalities:
+                    f = output.features.get(m)
+                    if f is None or f.ndim != 2:
+                        shape = None if f is None else tuple(f.shape)
+                        raise ValueError(
+                            f"{self.name} needs `MultimodalOutput.features[{m!r}]` as a (B, D) tensor, got {shape}."
+                        )
+                    feats[m].append(f.detach().float() if f.dtype != torch.float64 else f.detach())
+                labels.append(output.targets.detach())
+        local = {m: torch.cat(v) for m, v in feats.items()}
+        local_y = torch.cat(labels)
+        if trainer.world_size > 1:
+            local, local_y = self._gather_in_order(trainer, local, local_y)
+        return {m: v.cpu() for m, v in local.items()}, local_y.cpu(), classes
+
+    @staticmethod
+    def _gather_in_order(
+        trainer: pl.Trainer, feats: dict[str, Tensor], labels: Tensor
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        """All-gather the per-rank shards (rank r holds positions r, r + W, ...) and restore the global order."""
+        world = trainer.world_size
+        count = torch.tensor([labels.shape[0]], device=labels.device)
+        counts = trainer.strategy.all_gather(count).flatten().tolist()
+        longest = max(counts)
+
+        def gather(t: Tensor) -> Tensor:
+            padded = torch.zeros((longest, *t.shape[1:]), dtype=t.dtype, device=t.device)
+            padded[: t.shape[0]] = t
+            stacked = trainer.strategy.all_gather(padded)  # (world, longest, ...)
+            interleaved = stacked.transpose(0, 1).reshape(world * longest, *t.shape[1:])
+            keep = [k * world + r for k in range(longest) for r in range(world) if k < counts[r]]
+            return interleaved[keep]
+
+        return {m: gather(f) for m, f in feats.items()}, gather(labels)
+
+    def _relearn(self, trainer: pl.Trainer, modality: str, alpha: float) -> None:
+        assert self._theta0 is not None
+        named = dict(self._encoders[modality].named_parameters())
+        initial = self._theta0[modality]
+        params = [named[n] for n in initial]
+        _relearn_(params, [initial[n] for n in initial], alpha)
+        if self.reset_optimizer_state:
+            for optimizer in trainer.optimizers:
+                for p in params:
+                    optimizer.state.pop(p, None)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """The initial weights, the re-init count, the last diagnosed epoch and its measurements."""
+        return {
+            "version": 1,
+            "theta0": self._theta0,
+            "n_reinits": self._n_reinits,
+            "last_diagnosed_epoch": self._last_diagnosed,
+            "last": self._last,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the initial weights and the schedule, so a resumed run re-initialises toward the same weights."""
+        super().load_state_dict(state_dict)
+        self._theta0 = state_dict["theta0"]
+        self._n_reinits = state_dict["n_reinits"]
+        self._last_diagnosed = state_dict["last_diagnosed_epoch"]
+        self._last = state_dict["last"]
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
