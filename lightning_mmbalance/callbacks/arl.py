@@ -7,7 +7,6 @@ Multi-modal Representation Bias", a different method sometimes also called ARL.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,7 +14,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from lightning_mmbalance.callbacks.base import BalancingCallback
+from lightning_mmbalance.callbacks.base import BalancingCallback, check_bool, check_float, check_int
 from lightning_mmbalance.contract import StepRecord
 from lightning_mmbalance.functional.arl import _batch_sums, _coefficients_from_sums
 
@@ -72,14 +71,12 @@ class ARL(BalancingCallback):
         encoders: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(encoders=encoders, modulate=modulate)
-        _check_float("gamma", gamma, 0.0)
-        _check_float("temperature", temperature, 0.0)
-        if isinstance(warmup_epochs, bool) or not isinstance(warmup_epochs, int) or warmup_epochs < 0:
-            raise ValueError(f"`warmup_epochs` must be an int >= 0, got {warmup_epochs!r}.")
+        check_float("gamma", gamma, 0)
+        check_float("temperature", temperature, 0)
+        check_int("warmup_epochs", warmup_epochs, 0)
         if isinstance(entropy_floor, bool) or not isinstance(entropy_floor, int | float) or not 0 <= entropy_floor < 1:
             raise ValueError(f"`entropy_floor` must be a float in [0, 1), got {entropy_floor!r}.")
-        if not isinstance(lagged, bool):
-            raise TypeError(f"`lagged` must be a bool, got {lagged!r}.")
+        check_bool("lagged", lagged)
         self.gamma = float(gamma)
         self.temperature = float(temperature)
         self.warmup_epochs = warmup_epochs
@@ -149,8 +146,3 @@ class ARL(BalancingCallback):
         super().load_state_dict(state_dict)
         stored = state_dict.get("stored_coefficients")
         self._stored = None if stored is None else dict(stored)
-
-
-def _check_float(name: str, value: Any, minimum: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not (math.isfinite(value) and value >= minimum):
-        raise ValueError(f"`{name}` must be a finite float >= {minimum:g}, got {value!r}.")

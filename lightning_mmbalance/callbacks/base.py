@@ -17,6 +17,7 @@ Subclasses implement the method; this class gives them, following the package's 
 from __future__ import annotations
 
 import copy
+import math
 import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -331,6 +332,26 @@ def _gradients_finite(optimizer: torch.optim.Optimizer) -> bool:
         return True
     norms = torch._foreach_norm(grads)
     return bool(torch.stack([n.float() for n in norms]).isfinite().all())
+
+
+# ---------------------------------------------------------------------------------------- argument checks
+def check_int(name: str, value: Any, minimum: int) -> None:
+    """``ValueError`` naming ``name`` unless ``value`` is an int (not a bool) >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
+
+
+def check_float(name: str, value: Any, minimum: float, *, strict: bool = False) -> None:
+    """``ValueError`` naming ``name`` unless ``value`` is a finite number >= ``minimum`` (> with ``strict``)."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < minimum or (strict and value == minimum):
+        raise ValueError(f"`{name}` must be a finite float {'>' if strict else '>='} {minimum:g}, got {value!r}.")
+
+
+def check_bool(name: str, value: Any) -> None:
+    """``TypeError`` naming ``name`` unless ``value`` is a bool."""
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be a bool, got {value!r}.")
 
 
 # ---------------------------------------------------------------------------------------- held-out data and copies

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from lightning_mmbalance.callbacks.base import (
     BalancingCallback,
     ForwardFn,
+    check_int,
     detached_copy,
     eval_mode,
     isolated_rng,
@@ -99,9 +100,9 @@ class GradientBlending(BalancingCallback):
         super().__init__(encoders=encoders)
         if mode not in MODES:
             raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}.")
-        _check_positive_int("super_epoch", super_epoch)
+        check_int("super_epoch", super_epoch, 1)
         if estimation_epochs is not None:
-            _check_positive_int("estimation_epochs", estimation_epochs)
+            check_int("estimation_epochs", estimation_epochs, 1)
         if estimator not in ESTIMATORS:
             raise ValueError(f"`estimator` must be one of {ESTIMATORS}, got {estimator!r}.")
         if estimator == "joint" and mode == "offline":
@@ -112,7 +113,7 @@ class GradientBlending(BalancingCallback):
         if policy not in POLICIES:
             raise ValueError(f"`policy` must be one of {POLICIES}, got {policy!r}.")
         if max_batches is not None:
-            _check_positive_int("max_batches", max_batches)
+            check_int("max_batches", max_batches, 1)
         if forward_fn is not None and not callable(forward_fn):
             raise TypeError(f"`forward_fn` must be callable (module, batch) -> MultimodalOutput, got {forward_fn!r}.")
         self.mode = mode
@@ -326,11 +327,6 @@ class GradientBlending(BalancingCallback):
         self._last_round_epoch = state_dict["last_round_epoch"]
         self._offline_done = state_dict["offline_done"]
         self._joint_last = state_dict["joint_last"]
-
-
-def _check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be an int >= 1, got {value!r}.")
 
 
 def _at_least_float32(t: Tensor) -> Tensor:

@@ -13,7 +13,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from lightning_mmbalance.callbacks.base import BalancingCallback
+from lightning_mmbalance.callbacks.base import BalancingCallback, check_float
 from lightning_mmbalance.functional.mmpareto import _Products, _tensor_factors
 
 __all__ = ["MMPareto"]
@@ -57,8 +57,7 @@ class MMPareto(BalancingCallback):
         self, gamma: float = 1.5, modulate: str = "gradient", encoders: Mapping[str, str] | None = None
     ) -> None:
         super().__init__(encoders=encoders, modulate=modulate)
-        if isinstance(gamma, bool) or not isinstance(gamma, int | float) or not (math.isfinite(gamma) and gamma > 0):
-            raise ValueError(f"`gamma` must be a finite float > 0, got {gamma!r}.")
+        check_float("gamma", gamma, 0, strict=True)
         self.gamma = float(gamma)
         self._flat: Tensor | None = None
         self._g_mm: dict[str, list[Tensor]] = {}

@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 
-from lightning_mmbalance.callbacks.base import BalancingCallback
+from lightning_mmbalance.callbacks.base import BalancingCallback, check_bool, check_float, check_int
 from lightning_mmbalance.contract import StepRecord
 from lightning_mmbalance.functional.ogm_ge import (
     _coefficients_from_ratios,
@@ -96,10 +96,8 @@ class OGMGE(BalancingCallback):
         encoders: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(encoders=encoders, modulate=modulate)
-        if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not alpha >= 0 or alpha == float("inf"):
-            raise ValueError(f"`alpha` must be a finite float >= 0, got {alpha!r}.")
-        if isinstance(modulation_starts, bool) or not isinstance(modulation_starts, int) or modulation_starts < 0:
-            raise ValueError(f"`modulation_starts` must be an int >= 0, got {modulation_starts!r}.")
+        check_float("alpha", alpha, 0)
+        check_int("modulation_starts", modulation_starts, 0)
         if modulation_ends is not None and (
             isinstance(modulation_ends, bool)
             or not isinstance(modulation_ends, int)
@@ -109,8 +107,7 @@ class OGMGE(BalancingCallback):
                 f"`modulation_ends` must be None or an int >= modulation_starts ({modulation_starts}), "
                 f"got {modulation_ends!r}."
             )
-        if not isinstance(noise, bool):
-            raise TypeError(f"`noise` must be a bool, got {noise!r}.")
+        check_bool("noise", noise)
         if not callable(param_filter) and param_filter not in _FILTERS:
             raise ValueError(f"`param_filter` must be one of {tuple(_FILTERS)} or a callable, got {param_filter!r}.")
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:

@@ -19,6 +19,9 @@ from torch.utils.data import DataLoader
 from lightning_mmbalance.callbacks.base import (
     BalancingCallback,
     ForwardFn,
+    check_bool,
+    check_float,
+    check_int,
     eval_mode,
     isolated_rng,
     loader_view,
@@ -85,17 +88,15 @@ class DiagnosingRelearning(BalancingCallback):
         forward_fn: ForwardFn | None = None,
     ) -> None:
         super().__init__(encoders=encoders)
-        if isinstance(strength, bool) or not isinstance(strength, int | float) or not 0 <= strength < float("inf"):
-            raise ValueError(f"`strength` must be a finite float >= 0, got {strength!r}.")
-        _check_int("every_n_epochs", every_n_epochs, 1)
-        _check_int("max_reinits", max_reinits, 1)
+        check_float("strength", strength, 0)
+        check_int("every_n_epochs", every_n_epochs, 1)
+        check_int("max_reinits", max_reinits, 1)
         if n_clusters is not None:
-            _check_int("n_clusters", n_clusters, 2)
+            check_int("n_clusters", n_clusters, 2)
         if max_samples is not None:
-            _check_int("max_samples", max_samples, 1)
-        if not isinstance(reset_optimizer_state, bool):
-            raise TypeError(f"`reset_optimizer_state` must be a bool, got {reset_optimizer_state!r}.")
-        _check_int("seed", seed, 0)
+            check_int("max_samples", max_samples, 1)
+        check_bool("reset_optimizer_state", reset_optimizer_state)
+        check_int("seed", seed, 0)
         if forward_fn is not None and not callable(forward_fn):
             raise TypeError(f"`forward_fn` must be callable (module, batch) -> MultimodalOutput, got {forward_fn!r}.")
         self.strength = float(strength)
@@ -261,8 +262,3 @@ class DiagnosingRelearning(BalancingCallback):
         self._n_reinits = state_dict["n_reinits"]
         self._last_diagnosed = state_dict["last_diagnosed_epoch"]
         self._last = state_dict["last"]
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
