@@ -464,3 +464,56 @@ def detached_copy(pl_module: pl.LightningModule) -> pl.LightningModule:
 def run_forward(forward_fn: ForwardFn | None, module: pl.LightningModule, batch: Any) -> MultimodalOutput:
     """``forward_fn(module, batch)``, or ``module(batch)``."""
     return forward_fn(module, batch) if forward_fn is not None else module(batch)
+
+
+def extract_features(
+    trainer: pl.Trainer,
+    module: pl.LightningModule,
+    view: DataLoader,
+    modalities: Sequence[str],
+    forward_fn: ForwardFn | None,
+    method: str,
+) -> tuple[dict[str, Tensor], Tensor, int]:
+    """Encoder features (``MultimodalOutput.features``), labels and class count over a view, in dataset order.
+
+    Eval mode, no grad, the trainer's precision context; half precision is upcast to float32. Under DDP every rank
+    passes its shard of ``view`` (see :func:`loader_view`) and the shards are all-gathered back into the view's order,
+    so every rank returns the same CPU tensors.
+
+    Raises:
+        ValueError: a modality's features are missing or not ``(B, D)``.
+    """
+    feats: dict[str, list[Tensor]] = {m: [] for m in modalities}
+    labels: list[Tensor] = []
+    classes = 0
+    with eval_mode(module), trainer.precision_plugin.forward_context():
+        for batch in view:
+            output = run_forward(forward_fn, module, trainer.strategy.batch_to_device(batch))
+            classes = output.logits.shape[1]
+            for m in modalities:
+                f = output.features.get(m)
+                if f is None or f.ndim != 2:
+                    shape = None if f is None else tuple(f.shape)
+                    raise ValueError(
+                        f"{method} needs `MultimodalOutput.features[{m!r}]` as a (B, D) tensor, got {shape}."
+                    )
+                feats[m].append(f.detach() if f.dtype == torch.float64 else f.detach().float())
+            labels.append(output.targets.detach())
+    local = {m: torch.cat(v) for m, v in feats.items()}
+    local_y = torch.cat(labels)
+    if trainer.world_size > 1:
+        local = {m: _gather_in_order(trainer, f) for m, f in local.items()}
+        local_y = _gather_in_order(trainer, local_y)
+    return {m: v.cpu() for m, v in local.items()}, local_y.cpu(), classes
+
+
+def _gather_in_order(trainer: pl.Trainer, local: Tensor) -> Tensor:
+    """All-gather per-rank shards (rank r holds positions r, r + W, ...) and restore the global order."""
+    world = trainer.world_size
+    counts = trainer.strategy.all_gather(torch.tensor([local.shape[0]], device=local.device)).flatten().tolist()
+    longest = max(counts)
+    padded = torch.zeros((longest, *local.shape[1:]), dtype=local.dtype, device=local.device)
+    padded[: local.shape[0]] = local
+    stacked = trainer.strategy.all_gather(padded)  # (world, longest, ...)
+    interleaved = stacked.transpose(0, 1).reshape(world * longest, *local.shape[1:])
+    return interleaved[[k * world + r for k in range(longest) for r in range(world) if k < counts[r]]]

@@ -22,10 +22,9 @@ from lightning_mmbalance.callbacks.base import (
     check_bool,
     check_float,
     check_int,
-    eval_mode,
+    extract_features,
     isolated_rng,
     loader_view,
-    run_forward,
     validation_loader,
 )
 from lightning_mmbalance.functional.relearning import _relearn_, clustering_purity, relearning_alpha
@@ -188,50 +187,9 @@ class DiagnosingRelearning(BalancingCallback):
     def _features(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loader: DataLoader
     ) -> tuple[dict[str, Tensor], Tensor, int]:
-        """Features per modality, labels and the class count, over a sequential view, gathered in dataset order."""
         indices = self._subset(len(loader.dataset))  # type: ignore[arg-type]
         view = loader_view(loader, trainer, indices=indices)
-        feats: dict[str, list[Tensor]] = {m: [] for m in self.modalities}
-        labels: list[Tensor] = []
-        classes = 0
-        with eval_mode(pl_module), trainer.precision_plugin.forward_context():
-            for batch in view:
-                output = run_forward(self.forward_fn, pl_module, trainer.strategy.batch_to_device(batch))
-                classes = output.logits.shape[1]
-                for m in self.modalities:
-                    f = output.features.get(m)
-                    if f is None or f.ndim != 2:
-                        shape = None if f is None else tuple(f.shape)
-                        raise ValueError(
-                            f"{self.name} needs `MultimodalOutput.features[{m!r}]` as a (B, D) tensor, got {shape}."
-                        )
-                    feats[m].append(f.detach().float() if f.dtype != torch.float64 else f.detach())
-                labels.append(output.targets.detach())
-        local = {m: torch.cat(v) for m, v in feats.items()}
-        local_y = torch.cat(labels)
-        if trainer.world_size > 1:
-            local, local_y = self._gather_in_order(trainer, local, local_y)
-        return {m: v.cpu() for m, v in local.items()}, local_y.cpu(), classes
-
-    @staticmethod
-    def _gather_in_order(
-        trainer: pl.Trainer, feats: dict[str, Tensor], labels: Tensor
-    ) -> tuple[dict[str, Tensor], Tensor]:
-        """All-gather the per-rank shards (rank r holds positions r, r + W, ...) and restore the global order."""
-        world = trainer.world_size
-        count = torch.tensor([labels.shape[0]], device=labels.device)
-        counts = trainer.strategy.all_gather(count).flatten().tolist()
-        longest = max(counts)
-
-        def gather(t: Tensor) -> Tensor:
-            padded = torch.zeros((longest, *t.shape[1:]), dtype=t.dtype, device=t.device)
-            padded[: t.shape[0]] = t
-            stacked = trainer.strategy.all_gather(padded)  # (world, longest, ...)
-            interleaved = stacked.transpose(0, 1).reshape(world * longest, *t.shape[1:])
-            keep = [k * world + r for k in range(longest) for r in range(world) if k < counts[r]]
-            return interleaved[keep]
-
-        return {m: gather(f) for m, f in feats.items()}, gather(labels)
+        return extract_features(trainer, pl_module, view, self.modalities, self.forward_fn, self.name)
 
     def _relearn(self, trainer: pl.Trainer, modality: str, alpha: float) -> None:
         assert self._theta0 is not None
