@@ -7,6 +7,7 @@ from lightning_mmbalance.callbacks import (
     DiagnosingRelearning,
     GradientBlending,
     MMPareto,
+    ModalityMonitor,
 )
 from lightning_mmbalance.contract import MultimodalOutput, multimodal_loss
 
@@ -19,6 +20,7 @@ __all__ = [
     "DiagnosingRelearning",
     "GradientBlending",
     "MMPareto",
+    "ModalityMonitor",
     "MultimodalOutput",
     "__version__",
     "multimodal_loss",

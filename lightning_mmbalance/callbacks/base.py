@@ -311,7 +311,9 @@ class BalancingCallback(Callback):
     ) -> None:
         """Log ``{quantity: {modality: value}}``; the values must already be identical on every rank."""
         metrics = {self.tag(q, m): v for q, per_m in values.items() for m, v in per_m.items()}
-        pl_module.log_dict(metrics, on_step=on_step, on_epoch=not on_step, sync_dist=False, batch_size=1)
+        # The values are identical on every rank. Step-level ones skip the sync; epoch-level ones (a few per epoch)
+        # take it, which leaves them unchanged and avoids Lightning's warning about unsynced epoch-level metrics.
+        pl_module.log_dict(metrics, on_step=on_step, on_epoch=not on_step, sync_dist=not on_step, batch_size=1)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -355,6 +357,20 @@ def check_bool(name: str, value: Any) -> None:
 
 
 # ---------------------------------------------------------------------------------------- held-out data and copies
+def train_loader(trainer: pl.Trainer, method: str) -> DataLoader:
+    """The fit's training DataLoader.
+
+    Raises:
+        MisconfigurationException: the training data is not one DataLoader (e.g. a dict of loaders).
+    """
+    loader = trainer.train_dataloader
+    if not isinstance(loader, DataLoader):
+        raise MisconfigurationException(
+            f"{method} needs the training data as one DataLoader, got {type(loader).__name__}."
+        )
+    return loader
+
+
 def validation_loader(trainer: pl.Trainer, method: str) -> DataLoader:
     """The first validation DataLoader of the fit, set up if Lightning has not built it yet.
 

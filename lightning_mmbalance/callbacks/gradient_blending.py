@@ -14,7 +14,6 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader
@@ -28,6 +27,7 @@ from lightning_mmbalance.callbacks.base import (
     isolated_rng,
     loader_view,
     run_forward,
+    train_loader,
     validation_loader,
 )
 from lightning_mmbalance.functional.gradient_blending import POLICIES, _blend_terms
@@ -159,7 +159,7 @@ class GradientBlending(BalancingCallback):
         """Check that a held-out validation loader and a single training DataLoader exist."""
         super().on_train_start(trainer, pl_module)
         validation_loader(trainer, self.name)
-        self._train_loader(trainer)
+        train_loader(trainer, self.name)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Estimate the weights at a scheduled epoch."""
@@ -197,17 +197,9 @@ class GradientBlending(BalancingCallback):
         self._log_values(pl_module, {"weight": self.weights, **self._last}, on_step=False)
 
     # ------------------------------------------------------------------ estimation
-    def _train_loader(self, trainer: pl.Trainer) -> DataLoader:
-        loader = trainer.train_dataloader
-        if not isinstance(loader, DataLoader):
-            raise MisconfigurationException(
-                f"{self.name} needs the training data as one DataLoader, got {type(loader).__name__}."
-            )
-        return loader
-
     def _views(self, trainer: pl.Trainer, seed: int) -> tuple[DataLoader, DataLoader, int]:
         """The round's training view (shuffled by ``seed``), the validation view, and the agreed batch budget."""
-        train_view = loader_view(self._train_loader(trainer), trainer, shuffle_seed=seed)
+        train_view = loader_view(train_loader(trainer, self.name), trainer, shuffle_seed=seed)
         val_view = loader_view(validation_loader(trainer, self.name), trainer)
         budget = len(train_view) if self.max_batches is None else min(len(train_view), self.max_batches)
         budget_t = torch.tensor(float(budget), device=trainer.strategy.root_device)
@@ -266,7 +258,7 @@ class GradientBlending(BalancingCallback):
         uses_scaler = getattr(trainer.precision_plugin, "scaler", None) is not None
         scaler = torch.amp.GradScaler(trainer.strategy.root_device.type) if uses_scaler else None
         for epoch in range(self.estimation_epochs):
-            view = loader_view(self._train_loader(trainer), trainer, shuffle_seed=seed + 1 + epoch)
+            view = loader_view(train_loader(trainer, self.name), trainer, shuffle_seed=seed + 1 + epoch)
             for i, batch in enumerate(view):
                 if i >= budget:
                     break

@@ -1,0 +1,185 @@
+import lightning.pytorch as pl
+import pytest
+import torch
+from tiny import SaveParams, TinyData, TinyModel, assert_states_close, load_ranks, trainer_kwargs
+
+from lightning_mmbalance import OGMGE, ModalityMonitor
+from lightning_mmbalance.callbacks.monitor import masked_forward, shapley_values
+
+PER_STEP = ("acc", "loss", "score", "ratio", "entropy", "abs_logit", "grad_norm", "update_ratio")
+
+
+def _fit(callbacks, model=None, data=None, **kw):
+    kw = trainer_kwargs(callbacks=callbacks, **{"limit_val_batches": 1.0, **kw})
+    trainer = pl.Trainer(**kw)
+    model = model or TinyModel(momentum=0.9)
+    trainer.fit(model, datamodule=data or TinyData())
+    return trainer, model
+
+
+def test_monitor_leaves_training_bit_identical():
+    _, monitored = _fit([ModalityMonitor(conflict_every_n_steps=1, linear_probe=True)], max_epochs=2)
+    _, plain = _fit([], max_epochs=2)
+    assert_states_close(monitored.state_dict(), plain.state_dict(), atol=0)
+
+
+def test_per_step_values_match_an_independent_computation():
+    mon = ModalityMonitor(masked_eval=False, shapley=False)
+    trainer, model = _fit([mon], max_steps=1, data=TinyData(batch_size=8))
+    batch = next(iter(TinyData(batch_size=8).train_dataloader()))
+    out = TinyModel(momentum=0.9)(batch)
+    y = out.targets
+    metrics = trainer.callback_metrics
+    accs = {}
+    for m in ("a", "b"):
+        z = out.unimodal_logits[m]
+        p = torch.softmax(z, 1)
+        accs[m] = float((z.argmax(1) == y).double().mean())
+        assert float(metrics[f"mmbalance/monitor/acc/{m}"]) == pytest.approx(accs[m], abs=1e-6)
+        ce = float(torch.nn.functional.cross_entropy(z, y))
+        assert float(metrics[f"mmbalance/monitor/loss/{m}"]) == pytest.approx(ce, rel=1e-6)
+        score = float(p.gather(1, y[:, None]).mean())
+        assert float(metrics[f"mmbalance/monitor/score/{m}"]) == pytest.approx(score, rel=1e-6)
+        entropy = float(-(p * torch.log(p + 1e-16)).sum(1).mean())
+        assert float(metrics[f"mmbalance/monitor/entropy/{m}"]) == pytest.approx(entropy, rel=1e-6)
+        assert float(metrics[f"mmbalance/monitor/abs_logit/{m}"]) == pytest.approx(
+            float(z.abs().sum(1).mean()), rel=1e-6
+        )
+    s_a, s_b = (float(metrics[f"mmbalance/monitor/score/{m}"]) for m in "ab")
+    assert float(metrics["mmbalance/monitor/ratio/a"]) == pytest.approx(s_a / s_b, rel=1e-5)
+    assert float(metrics["mmbalance/monitor/imbalance_gap"]) == pytest.approx(abs(accs["a"] - accs["b"]), abs=1e-6)
+    assert (
+        float(metrics["mmbalance/monitor/grad_norm/a"]) > 0 and float(metrics["mmbalance/monitor/update_ratio/b"]) > 0
+    )
+
+
+def test_conflict_cosine():
+    mon = ModalityMonitor(conflict_every_n_steps=1, masked_eval=False, shapley=False)
+    trainer, _ = _fit([mon], max_steps=1, data=TinyData(batch_size=8))
+    batch = next(iter(TinyData(batch_size=8).train_dataloader()))
+    model = TinyModel(momentum=0.9)
+    out = model(batch)
+    ce = torch.nn.functional.cross_entropy
+    for m in ("a", "b"):
+        params = list(model.encoders[m].parameters())
+        g_f = torch.cat(
+            [g.flatten() for g in torch.autograd.grad(ce(out.logits, out.targets), params, retain_graph=True)]
+        )
+        g_u = torch.cat(
+            [
+                g.flatten()
+                for g in torch.autograd.grad(ce(out.unimodal_logits[m], out.targets), params, retain_graph=True)
+            ]
+        )
+        cos = float(torch.nn.functional.cosine_similarity(g_f, g_u, dim=0))
+        assert float(trainer.callback_metrics[f"mmbalance/monitor/cos/{m}"]) == pytest.approx(cos, abs=1e-6)
+        assert float(trainer.callback_metrics[f"mmbalance/monitor/conflict/{m}"]) == float(cos <= 0)
+
+
+def test_validation_masked_accuracy_utilisation_and_shapley():
+    mon = ModalityMonitor()
+    trainer, model = _fit([mon], max_epochs=1)
+    val = TinyData().val_dataloader()
+    model.eval()
+    correct = {}
+    with torch.no_grad():
+        for masked in (frozenset(), frozenset("a"), frozenset("b"), frozenset("ab")):
+            hits = n = 0
+            for batch in val:
+                out = masked_forward(model, batch, masked)
+                hits += int((out.logits.argmax(1) == out.targets).sum())
+                n += len(out.targets)
+            correct[masked] = hits / n
+    metrics = trainer.callback_metrics
+    assert float(metrics["mmbalance/monitor/masked_acc/a"]) == pytest.approx(correct[frozenset("a")], abs=1e-6)
+    full = correct[frozenset()]
+    assert float(metrics["mmbalance/monitor/utilization/b"]) == pytest.approx(
+        (full - correct[frozenset("b")]) / full, abs=1e-6
+    )
+    acc = {frozenset("ab") - k: v for k, v in correct.items()}
+    phi = shapley_values(acc, ["a", "b"])
+    assert float(metrics["mmbalance/monitor/shapley/a"]) == pytest.approx(phi["a"], abs=1e-6)
+    assert phi["a"] + phi["b"] == pytest.approx(full - correct[frozenset("ab")], abs=1e-12)  # efficiency
+    assert "mmbalance/monitor/val_acc/a" in metrics
+
+
+def test_shapley_three_players():
+    acc = {
+        frozenset(): 0.1, frozenset("a"): 0.5, frozenset("b"): 0.3, frozenset("c"): 0.2,
+        frozenset("ab"): 0.7, frozenset("ac"): 0.6, frozenset("bc"): 0.4, frozenset("abc"): 0.8,
+    }  # fmt: skip
+    phi = shapley_values(acc, ["a", "b", "c"])
+    assert sum(phi.values()) == pytest.approx(0.7)
+    expected_a = (1 / 3) * (0.5 - 0.1) + (1 / 6) * (0.7 - 0.3) + (1 / 6) * (0.6 - 0.2) + (1 / 3) * (0.8 - 0.4)
+    assert phi["a"] == pytest.approx(expected_a, abs=1e-12)
+
+
+def test_linear_probe_and_summary_figure(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    mon = ModalityMonitor(linear_probe=True)
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    _fit([mon, OGMGE(alpha=0.5)], max_epochs=3, logger=logger, log_every_n_steps=1)
+    assert set(mon.linear_probe_accuracy) == {"a", "b"}
+    assert all(0 <= v <= 1 for v in mon.linear_probe_accuracy.values())
+    assert mon.linear_probe_accuracy["a"] > mon.linear_probe_accuracy["b"]  # "a" carries the stronger signal
+    assert (tmp_path / "tb" / "version_0" / "mmbalance_summary.png").stat().st_size > 1000
+    assert any("coefficient" in k for k in mon.history)
+
+
+def test_event_file_round_trip(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    _fit([ModalityMonitor()], max_epochs=2, logger=logger, log_every_n_steps=1)
+    acc = EventAccumulator(logger.log_dir)
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for q in PER_STEP:
+        assert {f"mmbalance/monitor/{q}/a", f"mmbalance/monitor/{q}/b"} <= tags, q
+    for q in ("val_acc", "masked_acc", "utilization", "shapley"):
+        assert f"mmbalance/monitor/{q}/b" in tags
+    assert len(acc.Scalars("mmbalance/monitor/masked_acc/a")) == 2  # one per validation epoch
+
+
+def test_every_n_steps():
+    mon = ModalityMonitor(every_n_steps=3, masked_eval=False, shapley=False)
+    stats = []
+    original = mon._step_values
+    mon._step_values = lambda s: stats.append(s) or original(s)
+    _fit([mon], max_steps=7)
+    assert len(stats) == 3  # steps 0, 3, 6
+
+
+def test_ddp_reduced_and_identical(tmp_path):
+    mon = ModalityMonitor(conflict_every_n_steps=2)
+    kw = dict(max_epochs=2, strategy="ddp_fork", devices=2)
+    _fit([mon, SaveParams(tmp_path)], data=TinyData(batch_size=4), **kw)
+    rank0, rank1 = load_ranks(tmp_path)
+    assert_states_close(rank0, rank1, atol=0)
+    plain = TinyModel(momentum=0.9)
+    _fit([], model=plain, data=TinyData(batch_size=8), max_epochs=2)
+    assert_states_close(rank0, plain.state_dict(), atol=1e-10)
+
+
+def test_errors():
+    class NoUni(TinyModel):
+        def forward(self, batch):
+            out = super().forward(batch)
+            out.unimodal_logits = {}
+            return out
+
+    with pytest.raises(ValueError, match="ModalityMonitor needs per-modality logits"):
+        _fit([ModalityMonitor()], model=NoUni())
+    with pytest.raises(ValueError, match="`every_n_steps` must be an int >= 1, got 0"):
+        ModalityMonitor(every_n_steps=0)
+    with pytest.raises(ValueError, match="`conflict_every_n_steps` must be an int >= 1, got 0"):
+        ModalityMonitor(conflict_every_n_steps=0)
+    with pytest.raises(TypeError, match="`linear_probe` must be a bool"):
+        ModalityMonitor(linear_probe="yes")
+    with pytest.raises(TypeError, match="cannot mask modalities of Linear: give it a method `masked_forward"):
+        masked_forward(torch.nn.Linear(1, 1), torch.zeros(1), frozenset("a"))
+    dims = {m: 2 for m in "abcde"}
+    with pytest.raises(ValueError, match="5 modalities is too many. Pass `shapley=False`"):
+        _fit([ModalityMonitor()], model=TinyModel(dims=dims), data=TinyData(dims=dims))
