@@ -25,7 +25,7 @@ def test_monitor_leaves_training_bit_identical():
 
 def test_per_step_values_match_an_independent_computation():
     mon = ModalityMonitor(masked_eval=False, shapley=False)
-    trainer, model = _fit([mon], max_steps=1, data=TinyData(batch_size=8))
+    trainer, _ = _fit([mon], max_steps=1, data=TinyData(batch_size=8))
     batch = next(iter(TinyData(batch_size=8).train_dataloader()))
     out = TinyModel(momentum=0.9)(batch)
     y = out.targets
