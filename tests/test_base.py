@@ -188,3 +188,16 @@ def test_ddp_ranks_identical_and_equal_to_one_process(tmp_path):
 def test_base_is_abstract_enough_to_subclass():
     assert issubclass(ShareCallback, BalancingCallback)
     assert ShareCallback().tag("factor", "a") == "mmbalance/share/factor/a"
+
+
+def test_step_values_follow_the_trainer_logging_cadence(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    cb = ShareCallback()
+    _fit([cb], logger=logger, log_every_n_steps=3, max_steps=7)
+    acc = EventAccumulator(logger.log_dir)
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("mmbalance/share/factor/a")] == [2, 5]  # steps 3 and 6 (0-indexed 2, 5)
+    assert len(cb.seen) == 7  # the method itself ran at every step

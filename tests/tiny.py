@@ -184,6 +184,7 @@ def trainer_kwargs(**overrides: Any) -> dict[str, Any]:
         num_sanity_val_steps=0,
         limit_val_batches=0,
         use_distributed_sampler=False,
+        log_every_n_steps=1,
     )
     kwargs.update(overrides)
     return kwargs

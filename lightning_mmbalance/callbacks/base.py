@@ -306,10 +306,32 @@ class BalancingCallback(Callback):
         """The log tag ``mmbalance/<method>/<quantity>/<modality>``."""
         return f"mmbalance/{self.method}/{quantity}/{modality}"
 
+    @staticmethod
+    def _logs_this_step(trainer: pl.Trainer) -> bool:
+        """Whether the Trainer writes this optimizer step's logs (its ``log_every_n_steps`` cadence).
+
+        Valid until the step's ``on_train_batch_end``; ``self.log`` costs about a millisecond per value, so per-step
+        values are only logged on the steps whose logs are written.
+        """
+        if trainer.fast_dev_run:
+            return True
+        every = trainer.log_every_n_steps
+        return every > 0 and (trainer.global_step + 1) % every == 0
+
     def _log_values(
-        self, pl_module: pl.LightningModule, values: Mapping[str, Mapping[str, float | Tensor]], on_step: bool = True
+        self,
+        pl_module: pl.LightningModule,
+        values: Mapping[str, Mapping[str, float | Tensor]],
+        on_step: bool = True,
+        cadence_checked: bool = False,
     ) -> None:
-        """Log ``{quantity: {modality: value}}``; the values must already be identical on every rank."""
+        """Log ``{quantity: {modality: value}}``; the values must already be identical on every rank.
+
+        Step-level values are logged at the Trainer's ``log_every_n_steps`` cadence only (``cadence_checked``: the
+        caller already decided, earlier in the step).
+        """
+        if on_step and not cadence_checked and not self._logs_this_step(pl_module.trainer):
+            return
         metrics = {self.tag(q, m): v for q, per_m in values.items() for m, v in per_m.items()}
         # The values are identical on every rank. Step-level ones skip the sync; epoch-level ones (a few per epoch)
         # take it, which leaves them unchanged and avoids Lightning's warning about unsynced epoch-level metrics.

@@ -153,7 +153,8 @@ class ModalityMonitor(BalancingCallback):
 
     # ------------------------------------------------------------------ per step
     def _logging_step(self, trainer: pl.Trainer) -> bool:
-        return trainer.global_step % self.every_n_steps == 0
+        """Measure on every ``every_n_steps``-th step whose logs the Trainer writes (``log_every_n_steps``)."""
+        return trainer.global_step % self.every_n_steps == 0 and self._logs_this_step(trainer)
 
     def _conflict_step(self, trainer: pl.Trainer) -> bool:
         n = self.conflict_every_n_steps
@@ -227,7 +228,7 @@ class ModalityMonitor(BalancingCallback):
         if values:
             gap = values.pop("imbalance_gap", None)
             self._log_values(pl_module, values)
-            if gap is not None:
+            if gap is not None and self._logs_this_step(trainer):
                 pl_module.log("mmbalance/monitor/imbalance_gap", gap["all"], on_step=True, on_epoch=False, batch_size=1)
 
     def _discard_step(self) -> None:
@@ -282,7 +283,7 @@ class ModalityMonitor(BalancingCallback):
                     num = sum(float(n) ** 2 for n in torch._foreach_norm(delta))
                     den = sum(float(n) ** 2 for n in torch._foreach_norm(before[m]))
                     ratios[m] = math.sqrt(num / den) if den > 0 else 0.0
-            self._log_values(pl_module, {"update_ratio": ratios})
+            self._log_values(pl_module, {"update_ratio": ratios}, cadence_checked=True)
         self._record_history(trainer)
 
     def _record_history(self, trainer: pl.Trainer) -> None:
@@ -361,10 +362,6 @@ class ModalityMonitor(BalancingCallback):
         self._write_figure(trainer)
 
     def _fit_probes(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.pipeline import make_pipeline
-        from sklearn.preprocessing import StandardScaler
-
         train, val = (
             extract_features(
                 trainer, pl_module, loader_view(loader, trainer), self.modalities, self.forward_fn, self.name
@@ -373,11 +370,7 @@ class ModalityMonitor(BalancingCallback):
         )
         result: dict[str, float] | None = None
         if trainer.is_global_zero:
-            result = {}
-            for m in self.modalities:
-                probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
-                probe.fit(train[0][m].numpy(), train[1].numpy())
-                result[m] = float(probe.score(val[0][m].numpy(), val[1].numpy()))
+            result = {m: probe_accuracy(train[0][m], train[1], val[0][m], val[1]) for m in self.modalities}
         return trainer.strategy.broadcast(result, src=0)
 
     def _write_figure(self, trainer: pl.Trainer) -> None:
@@ -388,6 +381,17 @@ class ModalityMonitor(BalancingCallback):
     def state_dict(self) -> dict[str, Any]:
         """The monitor keeps no training state."""
         return {"version": 1}
+
+
+def probe_accuracy(train_x: Tensor, train_y: Tensor, eval_x: Tensor, eval_y: Tensor) -> float:
+    """Accuracy on ``eval`` of a logistic-regression probe (standardised features) fitted on ``train``."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
+    probe.fit(train_x.numpy(), train_y.numpy())
+    return float(probe.score(eval_x.numpy(), eval_y.numpy()))
 
 
 def _flatten(grads: Sequence[Tensor | None], params: Sequence[Tensor]) -> Tensor:
