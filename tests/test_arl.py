@@ -205,11 +205,15 @@ def test_ddp_equals_one_process_and_ranks_identical(tmp_path):
 def test_resume_is_exact(tmp_path, lagged):
     _, full = _fit([arl(lagged=lagged)], max_epochs=4)
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
-    _fit([arl(lagged=lagged), ckpt], max_epochs=2, enable_checkpointing=True)
+    _fit([arl(lagged=lagged), ckpt], max_epochs=2, enable_checkpointing=True, default_root_dir=tmp_path)
     state = torch.load(tmp_path / "last.ckpt", weights_only=False)["callbacks"]
     (saved,) = [v for k, v in state.items() if k.startswith("ARL")]
     assert (saved["stored_coefficients"] is not None) == lagged
-    trainer = pl.Trainer(**trainer_kwargs(callbacks=[arl(lagged=lagged)], max_epochs=4, enable_checkpointing=True))
+    trainer = pl.Trainer(
+        **trainer_kwargs(
+            callbacks=[arl(lagged=lagged)], max_epochs=4, enable_checkpointing=True, default_root_dir=tmp_path
+        )
+    )
     resumed = TinyModel(seed=9)
     trainer.fit(resumed, datamodule=TinyData(), ckpt_path=tmp_path / "last.ckpt")
     assert_states_close(resumed.state_dict(), full.state_dict(), atol=0)

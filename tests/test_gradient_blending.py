@@ -271,6 +271,7 @@ def test_resume_gives_the_same_weights(tmp_path):
             max_epochs=epochs,
             limit_val_batches=1.0,
             enable_checkpointing=bool(callbacks) or ckpt_path is not None,
+            default_root_dir=tmp_path,
         )
         model = TinyModel(seed=7 if ckpt_path else 0)
         pl.Trainer(**kw).fit(model, datamodule=TinyData(), ckpt_path=ckpt_path)

@@ -264,9 +264,11 @@ def test_ddp_p6_first_step_equals_official(tmp_path):
 def test_resume_is_exact(tmp_path):
     _, full = _fit([MMPareto(encoders=ENCODERS)], max_epochs=4)
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
-    _fit([MMPareto(encoders=ENCODERS), ckpt], max_epochs=2, enable_checkpointing=True)
+    _fit([MMPareto(encoders=ENCODERS), ckpt], max_epochs=2, enable_checkpointing=True, default_root_dir=tmp_path)
     trainer = pl.Trainer(
-        **trainer_kwargs(callbacks=[MMPareto(encoders=ENCODERS)], max_epochs=4, enable_checkpointing=True)
+        **trainer_kwargs(
+            callbacks=[MMPareto(encoders=ENCODERS)], max_epochs=4, enable_checkpointing=True, default_root_dir=tmp_path
+        )
     )
     resumed = ParetoTiny(seed=5, batchnorm=False)
     trainer.fit(resumed, datamodule=PairDataModule(12, 6), ckpt_path=tmp_path / "last.ckpt")

@@ -322,8 +322,12 @@ def test_ddp_equals_one_process_with_double_batch(tmp_path):
 def test_resume_is_exact(tmp_path):
     _, full = _fit([OGMGE(alpha=0.5)], max_epochs=4)
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
-    _fit([OGMGE(alpha=0.5), ckpt], max_epochs=2, enable_checkpointing=True)
-    trainer = pl.Trainer(**trainer_kwargs(callbacks=[OGMGE(alpha=0.5)], max_epochs=4, enable_checkpointing=True))
+    _fit([OGMGE(alpha=0.5), ckpt], max_epochs=2, enable_checkpointing=True, default_root_dir=tmp_path)
+    trainer = pl.Trainer(
+        **trainer_kwargs(
+            callbacks=[OGMGE(alpha=0.5)], max_epochs=4, enable_checkpointing=True, default_root_dir=tmp_path
+        )
+    )
     resumed = TinyModel(seed=123)  # different init: everything must come from the checkpoint
     trainer.fit(resumed, datamodule=TinyData(), ckpt_path=tmp_path / "last.ckpt")
     assert_states_close(resumed.state_dict(), full.state_dict(), atol=0)

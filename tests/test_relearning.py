@@ -250,7 +250,13 @@ def test_gather_restores_dataset_order(tmp_path):
 def test_resume_is_exact(tmp_path):
     def run(epochs, ckpt_path=None, extra=()):
         cb = DiagnosingRelearning(every_n_epochs=2, max_reinits=2, strength=10.0)
-        kw = trainer_kwargs(callbacks=[cb, *extra], max_epochs=epochs, limit_val_batches=1.0, enable_checkpointing=True)
+        kw = trainer_kwargs(
+            callbacks=[cb, *extra],
+            max_epochs=epochs,
+            limit_val_batches=1.0,
+            enable_checkpointing=True,
+            default_root_dir=tmp_path,
+        )
         model = TinyModel(seed=5 if ckpt_path else 0)
         pl.Trainer(**kw).fit(model, datamodule=TinyData(), ckpt_path=ckpt_path)
         return cb, model

@@ -374,6 +374,8 @@ class ModalityMonitor(BalancingCallback):
         return trainer.strategy.broadcast(result, src=0)
 
     def _write_figure(self, trainer: pl.Trainer) -> None:
+        if not trainer.loggers:  # no logger, no folder of the run's own: write nothing rather than litter the cwd
+            return
         folder = trainer.log_dir  # a collective under DDP: every rank asks
         if trainer.is_global_zero and folder is not None and self.history:
             plot_history(self.history, Path(folder) / "mmbalance_summary.png")
