@@ -10,6 +10,7 @@ from lightning_mmbalance.callbacks import (
     ModalityMonitor,
 )
 from lightning_mmbalance.contract import MultimodalOutput, multimodal_loss
+from lightning_mmbalance.fusion import ConcatFusion, SumFusion, ZeroMaskFusion
 
 __version__ = "0.1.0.dev0"
 
@@ -17,11 +18,14 @@ __all__ = [
     "ARL",
     "OGMGE",
     "BalancingCallback",
+    "ConcatFusion",
     "DiagnosingRelearning",
     "GradientBlending",
     "MMPareto",
     "ModalityMonitor",
     "MultimodalOutput",
+    "SumFusion",
+    "ZeroMaskFusion",
     "__version__",
     "multimodal_loss",
 ]
