@@ -420,15 +420,13 @@ def shapley_values(accuracy: Mapping[frozenset[str], float], modalities: Sequenc
 
 def plot_history(history: Mapping[str, Sequence[tuple[int, float]]], path: Path) -> Path:
     """Per-modality accuracy curves and each method's coefficients/weights over steps, in one PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend and figures are left alone
 
     acc = {k: v for k, v in history.items() if "/acc/" in k}
     coeff = {k: v for k, v in history.items() if k not in acc}
     panels = [("per-modality train accuracy", acc)] + ([("method coefficients / weights", coeff)] if coeff else [])
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.4), squeeze=False)
+    fig = Figure(figsize=(5.5 * len(panels), 3.4))
+    axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (title, series) in zip(axes[0], panels, strict=True):
         for key, points in sorted(series.items()):
             steps, values = zip(*points, strict=True)
@@ -438,5 +436,4 @@ def plot_history(history: Mapping[str, Sequence[tuple[int, float]]], path: Path)
         ax.legend(fontsize="x-small")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path

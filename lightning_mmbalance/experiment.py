@@ -1,0 +1,276 @@
+"""Train the reference model with and without each balancing method, with model selection on validation.
+
+One code path for ``mmbalance compare`` and ``benchmarks/effectiveness.py``: :func:`run_one` trains one
+(method, seed) pair, keeps the checkpoint with the best validation accuracy and reports its test accuracy (fused and
+per modality); :func:`summarize` turns runs into mean +- std rows.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from torch.utils.data import DataLoader
+
+from lightning_mmbalance.callbacks import (
+    ARL,
+    OGMGE,
+    BalancingCallback,
+    DiagnosingRelearning,
+    GradientBlending,
+    MMPareto,
+)
+from lightning_mmbalance.callbacks.monitor import probe_accuracy
+from lightning_mmbalance.data import CGDigitsDataModule, MultimodalDataModule, SyntheticDataModule
+from lightning_mmbalance.models import LateFusionClassifier
+
+__all__ = ["IMPLEMENTED", "METHODS", "RunResult", "Summary", "method_callbacks", "run_one", "summarize"]
+
+
+class UnimodalLosses(BalancingCallback):
+    """The uniform baseline: ``L_f + sum_m L_m`` (MMPareto's ``uniform_baseline.py``), nothing else."""
+
+    method = "uniform"
+    sets_loss_weights = True
+
+    def loss_weights(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+        """Weight 1 for the fused and every unimodal loss."""
+        return {"fused": 1.0, **dict.fromkeys(self.modalities, 1.0)}
+
+
+def _scaled(fraction: float, max_epochs: int) -> int:
+    """An epoch count that is ``fraction`` of the run, at least 1."""
+    return max(1, round(fraction * max_epochs))
+
+
+# Non-schedule arguments are the callbacks' documented defaults. Epoch schedules, which the official scripts set for
+# runs of 90-100 epochs, are scaled to the run length with the official fractions.
+_FACTORIES: dict[str, Callable[[int], list[Callback]]] = {
+    "baseline": lambda epochs: [],
+    "uniform": lambda epochs: [UnimodalLosses()],
+    "ogm_ge": lambda epochs: [OGMGE(modulation_ends=_scaled(0.5, epochs))],  # official: epochs 0-50 of 100
+    "mmpareto": lambda epochs: [MMPareto()],
+    "arl": lambda epochs: [ARL(warmup_epochs=_scaled(0.06, epochs))],  # official: 6 of 100
+    "gradient_blending": lambda epochs: [GradientBlending(super_epoch=_scaled(0.2, epochs))],
+    "relearning": lambda epochs: [DiagnosingRelearning(every_n_epochs=_scaled(0.22, epochs))],  # official: 20 of 90
+}
+METHODS: tuple[str, ...] = ("baseline", "uniform", "ogm_ge", "mmpareto", "arl", "gradient_blending", "relearning")
+"""Every method ``compare`` knows, in table order."""
+IMPLEMENTED: tuple[str, ...] = tuple(m for m in METHODS if m in _FACTORIES)
+"""The methods this version implements."""
+DATASETS = ("cg-digits", "synthetic", "synthetic3")
+
+
+def method_callbacks(method: str, max_epochs: int) -> list[Callback]:
+    """The callbacks of ``method`` for a run of ``max_epochs`` (empty for the joint-loss baseline)."""
+    if method not in _FACTORIES:
+        raise ValueError(f"Unknown method {method!r}; available: {IMPLEMENTED}.")
+    return _FACTORIES[method](max_epochs)
+
+
+def make_datamodule(dataset: str, batch_size: int = 64) -> MultimodalDataModule:
+    """The built-in data set named ``dataset`` (fixed split seed, so every method sees the same data)."""
+    if dataset == "cg-digits":
+        return CGDigitsDataModule(batch_size=batch_size)
+    if dataset == "synthetic":
+        return SyntheticDataModule(batch_size=batch_size)
+    if dataset == "synthetic3":
+        return SyntheticDataModule(num_modalities=3, batch_size=batch_size)
+    raise ValueError(f"Unknown dataset {dataset!r}; available: {DATASETS}.")
+
+
+@dataclass
+class RunResult:
+    """One (method, seed) run: test accuracies of the best-validation checkpoint, and the median step time."""
+
+    method: str
+    seed: int
+    test_acc: float
+    modality_acc: dict[str, float]
+    val_acc: float
+    step_time: float
+    best_epoch: int
+    log_dir: str
+    probe_acc: dict[str, float] = field(default_factory=dict)
+
+
+class _StepTimer(Callback):
+    """Median wall time of a training batch (forward, backward, callbacks and optimizer step)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._start = 0.0
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        self.times.append(time.perf_counter() - self._start)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times) if self.times else float("nan")
+
+
+def _logger(out_dir: Path, name: str, version: str) -> Logger:
+    try:
+        return TensorBoardLogger(out_dir, name=name, version=version, default_hp_metric=False)
+    except ModuleNotFoundError:  # tensorboard is an optional extra
+        return CSVLogger(out_dir, name=name, version=version)
+
+
+def run_one(
+    method: str,
+    seed: int,
+    dataset: str = "cg-digits",
+    max_epochs: int = 20,
+    out_dir: str | Path = "mmbalance_runs",
+    model_kwargs: dict[str, Any] | None = None,
+    trainer_kwargs: dict[str, Any] | None = None,
+    probe: bool = False,
+) -> RunResult:
+    """Train ``method`` on ``dataset`` with ``seed``; test the checkpoint with the best validation accuracy.
+
+    Model selection uses the validation split only; the test split is evaluated once, on that checkpoint. With
+    ``probe``, a linear probe per modality is fitted on that checkpoint's training features and scored on the test
+    split.
+    """
+    out = Path(out_dir)
+    pl.seed_everything(seed, workers=True, verbose=False)
+    dm = make_datamodule(dataset)
+    model = LateFusionClassifier(dm.input_shapes, dm.num_classes, **(model_kwargs or {}))
+    timer = _StepTimer()
+    ckpt = ModelCheckpoint(dirpath=out / "checkpoints" / f"{method}-seed{seed}", monitor="val/acc", mode="max")
+    kwargs: dict[str, Any] = dict(
+        max_epochs=max_epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=_logger(out, f"{dataset}/{method}", f"seed{seed}"),
+        callbacks=[*method_callbacks(method, max_epochs), timer, ckpt],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=5,
+    )
+    kwargs.update(trainer_kwargs or {})
+    trainer = pl.Trainer(**kwargs)
+    trainer.fit(model, datamodule=dm)
+    (metrics,) = trainer.test(model, datamodule=dm, ckpt_path="best", verbose=False)
+    best = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=False)
+    return RunResult(
+        method=method,
+        seed=seed,
+        test_acc=float(metrics["test/acc"]),
+        modality_acc={m: float(metrics[f"test/acc_{m}"]) for m in dm.modalities},
+        val_acc=float(ckpt.best_model_score),
+        step_time=timer.median,
+        best_epoch=int(best["epoch"]),
+        log_dir=str(trainer.logger.log_dir) if trainer.logger is not None else "",
+        probe_acc=_probe(model, dm) if probe else {},
+    )
+
+
+def _features(model: LateFusionClassifier, dataset: Any) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    feats: dict[str, list[torch.Tensor]] = {}
+    labels = []
+    model.eval()
+    with torch.no_grad():
+        for batch in DataLoader(dataset, batch_size=256):
+            out = model(batch)
+            for m, f in out.features.items():
+                feats.setdefault(m, []).append(f)
+            labels.append(out.targets)
+    return {m: torch.cat(v) for m, v in feats.items()}, torch.cat(labels)
+
+
+def _probe(model: LateFusionClassifier, dm: MultimodalDataModule) -> dict[str, float]:
+    """Linear-probe test accuracy of each encoder's features (the probe is fitted on the training split)."""
+    (train_x, train_y), (test_x, test_y) = _features(model, dm.train_set), _features(model, dm.test_set)
+    return {m: probe_accuracy(train_x[m], train_y, test_x[m], test_y) for m in train_x}
+
+
+@dataclass
+class Summary:
+    """Mean and standard deviation over seeds of one method's runs."""
+
+    method: str
+    test_acc: tuple[float, float]
+    modality_acc: dict[str, tuple[float, float]]
+    relative_step_time: float
+    probe_acc: dict[str, tuple[float, float]] = field(default_factory=dict)
+    runs: list[RunResult] = field(default_factory=list)
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarize(results: Sequence[RunResult], reference: str = "baseline") -> list[Summary]:
+    """Group runs by method (in :data:`METHODS` order); step times are relative to ``reference``."""
+    by_method: dict[str, list[RunResult]] = {}
+    for r in results:
+        by_method.setdefault(r.method, []).append(r)
+    base = by_method.get(reference)
+    base_time = statistics.median([r.step_time for r in base]) if base else float("nan")
+    rows = []
+    for method in sorted(by_method, key=lambda m: METHODS.index(m) if m in METHODS else len(METHODS)):
+        runs = by_method[method]
+        modalities = list(runs[0].modality_acc)
+        rows.append(
+            Summary(
+                method=method,
+                test_acc=_mean_std([r.test_acc for r in runs]),
+                modality_acc={m: _mean_std([r.modality_acc[m] for r in runs]) for m in modalities},
+                relative_step_time=statistics.median([r.step_time for r in runs]) / base_time,
+                probe_acc={m: _mean_std([r.probe_acc[m] for r in runs]) for m in runs[0].probe_acc},
+                runs=runs,
+            )
+        )
+    return rows
+
+
+def format_table(rows: Sequence[Summary]) -> str:
+    """A fixed-width text table: fused and per-modality test accuracy (mean +- std, %), relative step time."""
+    modalities = list(rows[0].modality_acc) if rows else []
+    header = ["method", "fused acc", *(f"{m} acc" for m in modalities), "step time", "seeds"]
+    lines = [header]
+    for r in rows:
+        cells = [f"{100 * r.test_acc[0]:.1f} ± {100 * r.test_acc[1]:.1f}"]
+        cells += [f"{100 * r.modality_acc[m][0]:.1f} ± {100 * r.modality_acc[m][1]:.1f}" for m in modalities]
+        lines.append([r.method, *cells, f"{r.relative_step_time:.2f}x", str(len(r.runs))])
+    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
+    text = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in lines]
+    text.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(text)
+
+
+def plot_summary(rows: Sequence[Summary], path: str | Path, title: str = "") -> Path:
+    """A bar chart of fused and per-modality test accuracy per method (mean +- std), saved as PNG."""
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend and figures are left alone
+
+    modalities = list(rows[0].modality_acc)
+    groups = ["fused", *modalities]
+    width = 0.8 / len(groups)
+    fig = Figure(figsize=(1.6 + 1.3 * len(rows), 3.6))
+    ax = fig.subplots()
+    for i, group in enumerate(groups):
+        stats = [r.test_acc if group == "fused" else r.modality_acc[group] for r in rows]
+        xs = [k + (i - (len(groups) - 1) / 2) * width for k in range(len(rows))]
+        ax.bar(xs, [100 * m for m, _ in stats], width, yerr=[100 * s for _, s in stats], label=group, capsize=2)
+    ax.set_xticks(range(len(rows)), [r.method for r in rows])
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(ncols=len(groups), fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.1))
+    ax.set_title(title)
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out, dpi=120)
+    return out
