@@ -59,9 +59,15 @@ class MMPareto(BalancingCallback):
         super().__init__(encoders=encoders, modulate=modulate)
         check_float("gamma", gamma, 0, strict=True)
         self.gamma = float(gamma)
-        self._flat: Tensor | None = None
+        self._buf: Tensor | None = None  # (2, N): row 0 accumulates g_mm, row 1 receives g_u at the step
         self._g_mm: dict[str, list[Tensor]] = {}
+        self._g_u: dict[str, list[Tensor]] = {}
         self._slices: dict[str, slice] = {}
+
+    @property
+    def _flat(self) -> Tensor | None:
+        """The flat ``g_mm`` of every encoder, in modality order."""
+        return None if self._buf is None else self._buf[0]
 
     @property
     def state_key(self) -> str:
@@ -73,20 +79,25 @@ class MMPareto(BalancingCallback):
         return {"fused": 1.0, **dict.fromkeys(self.modalities, 1.0)}
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Allocate one flat ``g_mm`` buffer, viewed per encoder tensor (at least float32)."""
+        """Allocate one ``(2, N)`` buffer for ``g_mm`` and ``g_u``, viewed per encoder tensor (at least float32)."""
         super().on_train_start(trainer, pl_module)
         params = [p for m in self.modalities for p in self.encoder_parameters(m)]
         dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
-        self._flat = torch.zeros(sum(p.numel() for p in params), dtype=dtype, device=params[0].device)
+        self._buf = torch.zeros(2, sum(p.numel() for p in params), dtype=dtype, device=params[0].device)
         offset = 0
         for m in self.modalities:
             start = offset
-            views = []
             for p in self.encoder_parameters(m):
-                views.append(self._flat[offset : offset + p.numel()].view_as(p))
                 offset += p.numel()
-            self._g_mm[m] = views
             self._slices[m] = slice(start, offset)
+            self._g_mm[m], self._g_u[m] = (self._views(row, start, m) for row in self._buf)
+
+    def _views(self, row: Tensor, offset: int, modality: str) -> list[Tensor]:
+        views = []
+        for p in self.encoder_parameters(modality):
+            views.append(row[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
+        return views
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
         """Add this micro-batch's fused-loss gradient on the encoders, normalised as Lightning normalises ``loss``."""
@@ -99,97 +110,102 @@ class MMPareto(BalancingCallback):
             bufs, gs = zip(*present, strict=True)
             # Lightning divides every micro-batch loss by accumulate_grad_batches; the AMP scale is undone here.
             inv = 1.0 / (scale * trainer.accumulate_grad_batches)
-            torch._foreach_add_(list(bufs), torch._foreach_mul(list(gs), inv))
+            if isinstance(inv, Tensor):
+                torch._foreach_add_(list(bufs), torch._foreach_mul(list(gs), inv))
+            else:
+                torch._foreach_add_(list(bufs), list(gs), alpha=inv)
 
     def _all_buffers(self) -> list[Tensor]:
         return [b for m in self.modalities for b in self._g_mm[m]]
 
     def _discard_step(self) -> None:
-        if self._flat is not None:
-            self._flat.zero_()
+        if self._buf is not None:
+            self._buf[0].zero_()
 
     def _modulate(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer, stats: Tensor | None
     ) -> None:
-        assert self._flat is not None
+        assert self._buf is not None
+        g_mm = self._buf[0]
         if trainer.world_size > 1:
-            self._flat.copy_(trainer.strategy.reduce(self._flat, reduce_op="mean"))
+            g_mm.copy_(trainer.strategy.reduce(g_mm, reduce_op="mean"))
         products = self._encoder_products()
         if not all(math.isfinite(v) for row in products.values() for v in (row.v11, row.v12, row.v22)):
-            self._flat.zero_()
+            g_mm.zero_()
             return
         weights = {m: row.weights() for m, row in products.items()}
         plan = self._form_directions(weights)
         logs: dict[str, dict[str, float]] = {"cos": {}, "w_mm": {}, "conflict": {}, "grad_norm_ratio": {}}
         for m, (params, ns, factors, plain_sq, final_sq) in plan.items():
-            if self.modulate == "update":
+            # the buffer holds h = n / 2, or the plain sum where guarded: one fused multiply-and-write per tensor
+            if self.modulate == "update":  # .grad = n; the update is scaled by the factor after the step
+                scales = [1.0 if guarded else 2.0 for _, guarded in factors]
                 self._scale_update_after_step(trainer, params, [f for f, _ in factors])
-            else:
-                torch._foreach_mul_(ns, [f for f, _ in factors])
-            torch._foreach_copy_([p.grad for p in params], ns)
+            else:  # .grad = factor * n
+                scales = [f if guarded else 2 * f for f, guarded in factors]
+            for p, h, scale in zip(params, ns, scales, strict=True):
+                torch.mul(h, scale, out=p.grad)
             logs["cos"][m] = products[m].cos
             logs["w_mm"][m] = weights[m][0]
             logs["conflict"][m] = float(products[m].conflict)
             logs["grad_norm_ratio"][m] = math.sqrt(final_sq / plain_sq) if plain_sq > 0 else 1.0
-        self._flat.zero_()
+        g_mm.zero_()
         self._log_values(pl_module, logs)
 
     def _encoder_products(self) -> dict[str, _Products]:
-        """[v11, v12, v22] per encoder from the flat g_mm slice and the concatenated ``.grad`` (one sync)."""
-        assert self._flat is not None
+        """Write ``g_u = .grad - g_mm`` into row 1, then [v11, v12, v22] per encoder."""
+        assert self._buf is not None
+        for m in self.modalities:
+            for p, n, u in zip(self.encoder_parameters(m), self._g_mm[m], self._g_u[m], strict=True):
+                if p.grad is None:
+                    torch.neg(n, out=u)
+                else:
+                    torch.sub(p.grad, n, out=u)
         rows = []
         for m in self.modalities:
-            g_mm = self._flat[self._slices[m]]
-            total = torch.cat([_grad_or_zeros(p).flatten() for p in self.encoder_parameters(m)]).to(g_mm.dtype)
-            g_u = total - g_mm
-            g_mm64, g_u64 = g_mm.double(), g_u.double()
-            rows.append(torch.stack([g_mm64 @ g_mm64, g_mm64 @ g_u64, g_u64 @ g_u64]))
-        values = torch.stack(rows).tolist()
+            g_mm, g_u = self._buf[0, self._slices[m]], self._buf[1, self._slices[m]]
+            rows.append(torch.stack([g_mm @ g_mm, g_mm @ g_u, g_u @ g_u]))
+        values = torch.stack(rows).tolist()  # the step's one device sync
         return {m: _Products(*row) for m, row in zip(self.modalities, values, strict=True)}
 
     def _form_directions(
         self, weights: Mapping[str, tuple[float, float]]
     ) -> dict[str, tuple[list[nn.Parameter], list[Tensor], list[tuple[float, bool]], float, float]]:
-        """Write n_t = 2 w_mm g_mm,t + 2 w_u g_u,t into the g_mm buffers and compute each tensor's factor.
+        """Write ``h_t = n_t / 2`` over ``g_mm`` (``n_t = 2 w_mm g_mm,t + 2 w_u g_u,t``) and compute each factor.
 
-        Returns, per modality: the parameters, their direction tensors (for guarded tensors the plain sum), the
-        (factor, guarded) pairs, and the squared norms of the plain and of the final encoder gradient.
+        Returns, per modality: the parameters, their ``h`` tensors (for guarded tensors the plain sum), the
+        (factor on ``n_t``, guarded) pairs, and the squared norms of the plain and of the final encoder gradient.
         """
         per_modality = {}
         norm_lists = []
         for m in self.modalities:
-            pairs = [
-                (p, n) for p, n in zip(self.encoder_parameters(m), self._g_mm[m], strict=True) if p.grad is not None
+            triples = [
+                (p, n, u)
+                for p, n, u in zip(self.encoder_parameters(m), self._g_mm[m], self._g_u[m], strict=True)
+                if p.grad is not None
             ]
-            params, ns = [p for p, _ in pairs], [n for _, n in pairs]
-            grads = [p.grad for p in params]
-            w_mm, w_u = weights[m]
-            # n = 2 w_u (g_mm + g_u) + 2 (w_mm - w_u) g_mm, written over the g_mm buffer
-            torch._foreach_mul_(ns, 2 * (w_mm - w_u))
-            torch._foreach_add_(ns, grads, alpha=2 * w_u)
+            params, ns, us = ([t[i] for t in triples] for i in range(3))
+            # h = n / 2 = w_mm g_mm + w_u g_u = lerp(g_mm, g_u, w_u), since w_mm + w_u = 1: one pass over the buffer
+            torch._foreach_lerp_(ns, us, weights[m][1])
             per_modality[m] = (params, ns)
-            norm_lists += [torch._foreach_norm(grads), torch._foreach_norm(ns)]
+            norm_lists += [torch._foreach_norm([p.grad for p in params]), torch._foreach_norm(ns)]
         flat_norms = torch.stack([n.double() for lst in norm_lists for n in lst]).tolist()
         plan = {}
         offset = 0
         for m, (params, ns) in per_modality.items():
             count = len(params)
             totals = flat_norms[offset : offset + count]
-            n_norms = flat_norms[offset + count : offset + 2 * count]
+            n_norms = [2 * h for h in flat_norms[offset + count : offset + 2 * count]]
             offset += 2 * count
             factors = _tensor_factors(totals, n_norms, self.gamma)
-            for n, p, (_, guarded) in zip(ns, params, factors, strict=True):
+            for h, p, (_, guarded) in zip(ns, params, factors, strict=True):
                 if guarded:  # ||n|| ~ 0: fall back to gamma * (g_mm + g_u)
-                    n.copy_(p.grad)
+                    h.copy_(p.grad)
             final_sq = sum(
                 (f * (s if g else nn_)) ** 2 for (f, g), s, nn_ in zip(factors, totals, n_norms, strict=True)
             )
             plan[m] = (params, ns, factors, sum(s * s for s in totals), final_sq)
         return plan
-
-
-def _grad_or_zeros(p: nn.Parameter) -> Tensor:
-    return p.grad if p.grad is not None else torch.zeros_like(p)
 
 
 def _loss_scale(trainer: pl.Trainer) -> Tensor | float:
