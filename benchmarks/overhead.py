@@ -1,0 +1,323 @@
+"""Per-step overhead of every balancing callback against a plain step with the same loss.
+
+All configurations train the same mid-size model (two MLP encoders of about 0.8M parameters each, batch 256) in one
+process, interleaved round by round, and the median step time of each is compared with the median of its plain
+reference (the same loss, no callback). A step is timed from ``on_train_batch_start`` to ``on_train_batch_end``:
+forward, backward, the callbacks' hooks and the optimizer step.
+
+    python benchmarks/overhead.py                 # CPU, all methods
+    python benchmarks/overhead.py --rounds 7 --steps 30 --accelerator gpu --precision 16-mixed
+    python benchmarks/overhead.py --ddp           # also 2-process DDP throughput relative to 1 process (CPU)
+
+Results are printed as a Markdown table (and written to ``--output`` as JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_mmbalance import (
+    ARL,
+    OGMGE,
+    DiagnosingRelearning,
+    GradientBlending,
+    MMPareto,
+    ModalityMonitor,
+    MultimodalOutput,
+)
+from lightning_mmbalance.experiment import UnimodalLosses
+from lightning_mmbalance.models import LateFusionClassifier
+
+DIM, HIDDEN, FEATURE, CLASSES = 1024, 640, 256, 10
+VAL_BATCHES = 2
+
+
+class Timer(Callback):
+    def __init__(self, skip: int) -> None:
+        self.skip = skip
+        self.times: list[float] = []
+        self._start = 0.0
+        self._sync: Callable[[], None] = lambda: None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if pl_module.device.type == "cuda":
+            self._sync = torch.cuda.synchronize
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        self._sync()
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self._sync()
+        if trainer.global_step > self.skip:
+            self.times.append(time.perf_counter() - self._start)
+
+
+class OfficialMMPareto(LateFusionClassifier):
+    """The official MMPareto procedure: three recorded backward passes, then a fourth for the sum (manual)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        opt = self.optimizers()
+        out: MultimodalOutput = self(batch)
+        ce = torch.nn.functional.cross_entropy
+        losses = {"fused": ce(out.logits, out.targets)}
+        losses.update({m: ce(z, out.targets) for m, z in out.unimodal_logits.items()})
+        enc = {m: list(self.encoders[m].parameters()) for m in self.encoders}
+        recorded: dict[str, dict[str, list[torch.Tensor]]] = {}
+        for key, loss in losses.items():
+            opt.zero_grad()
+            self.manual_backward(loss, retain_graph=True)
+            recorded[key] = {m: [p.grad.clone() for p in ps] for m, ps in enc.items() if key in ("fused", m)}
+        opt.zero_grad()
+        self.manual_backward(sum(losses.values()))
+        for m, ps in enc.items():
+            g_mm, g_u = recorded["fused"][m], recorded[m][m]
+            flat_mm, flat_u = torch.cat([g.flatten() for g in g_mm]), torch.cat([g.flatten() for g in g_u])
+            if torch.nn.functional.cosine_similarity(flat_mm, flat_u, dim=0) > 0:
+                w_mm = 0.5
+            else:
+                v11, v12, v22 = flat_mm @ flat_mm, flat_mm @ flat_u, flat_u @ flat_u
+                w_mm = float(torch.clamp((v22 - v12) / (v11 + v22 - 2 * v12), 0.001, 0.999))
+            for p, a, b in zip(ps, g_mm, g_u, strict=True):
+                n = 2 * w_mm * a + 2 * (1 - w_mm) * b
+                r = p.grad.norm() / n.norm()
+                p.grad = 1.5 * r * n if r > 1 else 1.5 * n
+        opt.step()
+
+
+class WeightedLoss(UnimodalLosses):
+    """A plain reference with ARL's loss (L_f + gamma * sum L_m) and nothing else."""
+
+    def __init__(self, gamma: float) -> None:
+        super().__init__()
+        self.gamma = gamma
+
+    def loss_weights(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+        return {"fused": 1.0, **dict.fromkeys(self.modalities, self.gamma)}
+
+
+def configurations() -> dict[str, tuple[str, Callable[[], list[Callback]], type[LateFusionClassifier]]]:
+    """name -> (name of its plain reference, callbacks factory, model class)."""
+    base = LateFusionClassifier
+    return {
+        "plain (L_f)": ("plain (L_f)", list, base),
+        "plain (L_f + sum L_m)": ("plain (L_f + sum L_m)", lambda: [UnimodalLosses()], base),
+        "plain (L_f + 4 sum L_m)": ("plain (L_f + 4 sum L_m)", lambda: [WeightedLoss(4.0)], base),
+        "OGMGE(noise=False)": ("plain (L_f)", lambda: [OGMGE(noise=False)], base),
+        "OGMGE(noise=True)": ("plain (L_f)", lambda: [OGMGE(noise=True)], base),
+        "OGMGE(modulate='update')": ("plain (L_f)", lambda: [OGMGE(noise=False, modulate="update")], base),
+        "ARL": ("plain (L_f + 4 sum L_m)", lambda: [ARL(warmup_epochs=0)], base),
+        "GradientBlending(estimator='joint')": (
+            "plain (L_f + sum L_m)",
+            lambda: [GradientBlending(estimator="joint", max_batches=2)],
+            base,
+        ),
+        "ModalityMonitor": ("plain (L_f)", lambda: [ModalityMonitor(masked_eval=False, shapley=False)], base),
+        "ModalityMonitor(conflict every 10 steps)": (
+            "plain (L_f)",
+            lambda: [ModalityMonitor(conflict_every_n_steps=10, masked_eval=False, shapley=False)],
+            base,
+        ),
+        "MMPareto": ("plain (L_f + sum L_m)", lambda: [MMPareto()], base),
+        "official MMPareto (3+1 backward)": ("plain (L_f + sum L_m)", list, OfficialMMPareto),
+    }
+
+
+def make_loader(batch: int, steps: int) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    n = batch * steps
+    y = torch.randint(0, CLASSES, (n,), generator=g)
+    a = torch.randn(n, DIM, generator=g) + torch.nn.functional.one_hot(y, DIM).float()
+    b = torch.randn(n, DIM, generator=g)
+    data = TensorDataset(a, b, y)
+    return DataLoader(data, batch_size=batch, collate_fn=lambda items: _collate(items))
+
+
+def _collate(items: list[tuple[torch.Tensor, ...]]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    a, b, y = (torch.stack(t) for t in zip(*items, strict=True))
+    return {"a": a, "b": b}, y
+
+
+def _trainer(args: argparse.Namespace, callbacks: list[Callback], **overrides: Any) -> pl.Trainer:
+    kwargs: dict[str, Any] = dict(
+        accelerator=args.accelerator,
+        devices=1,
+        precision=args.precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=VAL_BATCHES,
+        callbacks=callbacks,
+    )
+    kwargs.update(overrides)
+    return pl.Trainer(**kwargs)
+
+
+def time_config(
+    name: str, factory: Callable[[], list[Callback]], cls: type[LateFusionClassifier], args: argparse.Namespace
+) -> tuple[list[float], float]:
+    """Step times of one fit, and its peak CUDA memory in MiB (NaN on CPU)."""
+    pl.seed_everything(0, verbose=False)
+    model = cls({"a": [DIM], "b": [DIM]}, CLASSES, feature_dim=FEATURE, hidden_dim=HIDDEN, lr=1e-3)
+    timer = Timer(skip=args.warmup)
+    trainer = _trainer(args, [*factory(), timer], max_steps=args.steps + args.warmup)
+    cuda = args.accelerator in ("gpu", "cuda")
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    trainer.fit(
+        model,
+        train_dataloaders=make_loader(args.batch, args.steps + args.warmup),
+        val_dataloaders=make_loader(args.batch, VAL_BATCHES),
+    )
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else float("nan")
+    return timer.times, peak
+
+
+def epoch_costs(args: argparse.Namespace) -> dict[str, float]:
+    """Wall time of a 2-epoch fit with each epoch-level procedure, relative to a plain 2-epoch fit.
+
+    Every configuration runs its procedure once in the two epochs: Gradient Blending one estimation round (at the
+    start of epoch 0), Diagnosing & Re-learning one diagnosis (after epoch 1), the monitor's masked and Shapley
+    evaluations at both validation epochs. The training epoch has ``--steps`` batches and validation 4.
+    """
+    configs: dict[str, Callable[[], list[Callback]]] = {
+        "plain": list,
+        "GradientBlending(estimator='copies', estimation_epochs=1)": lambda: [
+            GradientBlending(super_epoch=2, estimation_epochs=1)
+        ],
+        "GradientBlending(estimator='joint')": lambda: [GradientBlending(super_epoch=2, estimator="joint")],
+        "DiagnosingRelearning(every_n_epochs=1)": lambda: [DiagnosingRelearning(every_n_epochs=1)],
+        "ModalityMonitor(masked_eval, shapley)": lambda: [ModalityMonitor()],
+    }
+    times: dict[str, list[float]] = {name: [] for name in configs}
+    for _ in range(max(1, args.rounds // 2)):
+        for name, factory in configs.items():
+            pl.seed_everything(0, verbose=False)
+            model = LateFusionClassifier({"a": [DIM], "b": [DIM]}, CLASSES, feature_dim=FEATURE, hidden_dim=HIDDEN)
+            trainer = _trainer(args, factory(), max_epochs=2, limit_val_batches=4)
+            start = time.perf_counter()
+            trainer.fit(
+                model,
+                train_dataloaders=make_loader(args.batch, args.steps),
+                val_dataloaders=make_loader(args.batch, 4),
+            )
+            times[name].append(time.perf_counter() - start)
+    plain = statistics.median(times["plain"])
+    return {name: statistics.median(ts) / plain for name, ts in times.items() if name != "plain"}
+
+
+def encoder_parameters() -> int:
+    model = LateFusionClassifier({"a": [DIM], "b": [DIM]}, CLASSES, feature_dim=FEATURE, hidden_dim=HIDDEN)
+    return {m: sum(p.numel() for p in e.parameters()) for m, e in model.encoders.items()}
+
+
+def ddp_throughput(args: argparse.Namespace) -> dict[str, float]:
+    """Samples per second of 2-process DDP (ddp_fork, gloo) relative to 1 process, plain and with OGM-GE."""
+    out = {}
+    for label, factory in (("plain", list), ("OGMGE", lambda: [OGMGE()])):
+        rates = {}
+        for devices in (1, 2):
+            pl.seed_everything(0, verbose=False)
+            model = LateFusionClassifier({"a": [DIM], "b": [DIM]}, CLASSES, feature_dim=FEATURE, hidden_dim=HIDDEN)
+            trainer = pl.Trainer(
+                accelerator="cpu",
+                devices=devices,
+                strategy="ddp_fork" if devices > 1 else "auto",
+                max_steps=args.steps,
+                logger=False,
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                limit_val_batches=0,
+                callbacks=factory(),
+            )
+            start = time.perf_counter()
+            trainer.fit(model, train_dataloaders=make_loader(args.batch, args.steps * devices))
+            rates[devices] = args.batch * args.steps * devices / (time.perf_counter() - start)
+        out[label] = rates[2] / rates[1]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median over all steps)")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per configuration and round")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps at the start of each fit")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--accelerator", default="cpu")
+    parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--only", nargs="*", help="configuration names to run (their references are added)")
+    parser.add_argument("--ddp", action="store_true", help="also measure 2-process DDP throughput (CPU)")
+    parser.add_argument("--epochs", action="store_true", help="also measure the epoch-level procedures' cost")
+    parser.add_argument("--output", type=Path, default=None, help="write the results as JSON")
+    args = parser.parse_args()
+
+    import logging
+    import warnings
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    configs = configurations()
+    if args.only:
+        wanted = set(args.only) | {configs[n][0] for n in args.only}
+        configs = {k: v for k, v in configs.items() if k in wanted}
+    times: dict[str, list[float]] = {name: [] for name in configs}
+    peaks: dict[str, float] = {}
+    for r in range(args.rounds):
+        for name, (_, factory, cls) in configs.items():
+            step_times, peaks[name] = time_config(name, factory, cls, args)
+            times[name] += step_times
+        print(f"round {r + 1}/{args.rounds} done", flush=True)
+    medians = {name: statistics.median(ts) for name, ts in times.items()}
+    device = torch.cuda.get_device_name() if args.accelerator == "gpu" else platform.processor() or platform.machine()
+    print(
+        f"\nModel: two MLP encoders {encoder_parameters()} parameters, batch {args.batch}, {args.precision}, "
+        f"{args.accelerator} ({device}, {torch.get_num_threads()} threads), torch {torch.__version__}, "
+        f"{args.rounds} rounds x {args.steps} steps\n"
+    )
+    print("| configuration | median step (ms) | relative to | overhead | peak CUDA memory (MiB) |")
+    print("|---|---|---|---|---|")
+    result: dict[str, Any] = {}
+    for name, (ref, _, _) in configs.items():
+        rel = medians[name] / medians[ref]
+        result[name] = {"median_ms": 1000 * medians[name], "reference": ref, "relative": rel, "peak_mib": peaks[name]}
+        peak = "n/a (CPU)" if peaks[name] != peaks[name] else f"{peaks[name]:.0f}"
+        print(f"| {name} | {1000 * medians[name]:.2f} | {ref} | {rel:.3f}x | {peak} |")
+    if args.epochs:
+        costs = epoch_costs(args)
+        result["two_epoch_fit_relative_to_plain"] = costs
+        print("\n| epoch-level procedure | 2-epoch fit time relative to plain |\n|---|---|")
+        for name, rel in costs.items():
+            print(f"| {name} | {rel:.2f}x |")
+    if args.ddp:
+        ddp = ddp_throughput(args)
+        result["ddp_2proc_over_1proc"] = ddp
+        print(
+            "\n2-process DDP (ddp_fork, gloo) throughput relative to 1 process: "
+            + ", ".join(f"{k} {v:.2f}x" for k, v in ddp.items())
+        )
+    if args.output:
+        args.output.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
