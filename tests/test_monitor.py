@@ -153,8 +153,8 @@ def test_every_n_steps():
 
 
 def test_ddp_reduced_and_identical(tmp_path):
-    mon = ModalityMonitor(conflict_every_n_steps=2)
-    kw = dict(max_epochs=2, strategy="ddp_fork", devices=2)
+    mon = ModalityMonitor(conflict_every_n_steps=2, linear_probe=True)
+    kw = dict(max_epochs=2, strategy="ddp_fork", devices=2, limit_val_batches=1.0)
     _fit([mon, SaveParams(tmp_path)], data=TinyData(batch_size=4), **kw)
     rank0, rank1 = load_ranks(tmp_path)
     assert_states_close(rank0, rank1, atol=0)

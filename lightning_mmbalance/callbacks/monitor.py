@@ -76,7 +76,7 @@ class ModalityMonitor(BalancingCallback):
     modalities), the Shapley value of accuracy over the masked subsets (``shapley``). Masking uses the module's
     ``masked_forward(batch, masked)`` if defined, else zeroes the raw inputs of ``(dict, targets)`` batches.
 
-    At fit end, with ``linear_probe``: a logistic-regression probe of each encoder's features, fitted on the
+    At the end of training, with ``linear_probe``: a logistic-regression probe of each encoder's features, fitted on the
     training set and scored on the validation set (``linear_probe``), available as :attr:`linear_probe_accuracy`.
     A summary figure (per-modality accuracy and each attached method's coefficients over steps) is written to the
     logger's folder as ``mmbalance_summary.png``. All values are reduced across DDP ranks before logging.
@@ -86,7 +86,7 @@ class ModalityMonitor(BalancingCallback):
         conflict_every_n_steps: run the gradient-conflict test every this many steps (None = never).
         masked_eval: evaluate masked accuracy and utilisation per validation epoch.
         shapley: evaluate Shapley contributions per validation epoch (up to 4 modalities).
-        linear_probe: fit the linear probes at fit end.
+        linear_probe: fit the linear probes at the end of training.
         encoders: modality -> dotted attribute path; None uses ``pl_module.encoders``.
         forward_fn: ``(module, batch) -> MultimodalOutput`` for the probe's feature passes; None = ``module(batch)``.
 
@@ -347,9 +347,13 @@ class ModalityMonitor(BalancingCallback):
                 values["shapley"] = shapley_values(acc, self.modalities)
         self._log_values(pl_module, values, on_step=False)
 
-    # ------------------------------------------------------------------ fit end
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Fit the linear probes (optional) and write the summary figure."""
+    # ------------------------------------------------------------------ end of training
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Fit the linear probes (optional) and write the summary figure.
+
+        Runs in ``on_train_end``, while the module is still on its device and the process group alive
+        (``on_fit_end`` comes after the strategy's teardown).
+        """
         if self.linear_probe:
             self.linear_probe_accuracy = self._fit_probes(trainer, pl_module)
             if trainer.logger is not None:
