@@ -29,13 +29,20 @@ from lightning_mmbalance.experiment import DATASETS, IMPLEMENTED, run_one, summa
 
 
 def markdown(rows, modalities) -> str:
-    head = ["method", "fused acc", *(f"{m} acc" for m in modalities), *(f"{m} probe" for m in modalities), "step"]
+    head = [
+        "method",
+        "fused acc",
+        *(f"{m} acc" for m in modalities),
+        *(f"{m} probe" for m in modalities),
+        "step",
+        "fit",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r.method, f"{100 * r.test_acc[0]:.1f} ± {100 * r.test_acc[1]:.1f}"]
         cells += [f"{100 * r.modality_acc[m][0]:.1f} ± {100 * r.modality_acc[m][1]:.1f}" for m in modalities]
         cells += [f"{100 * r.probe_acc[m][0]:.1f} ± {100 * r.probe_acc[m][1]:.1f}" for m in modalities]
-        cells.append(f"{r.relative_step_time:.2f}x")
+        cells += [f"{r.relative_step_time:.2f}x", f"{r.relative_fit_time:.2f}x"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

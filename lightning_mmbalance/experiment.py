@@ -89,7 +89,12 @@ def make_datamodule(dataset: str, batch_size: int = 64) -> MultimodalDataModule:
 
 @dataclass
 class RunResult:
-    """One (method, seed) run: test accuracies of the best-validation checkpoint, and the median step time."""
+    """One (method, seed) run: test accuracies of the best-validation checkpoint, the median step time and the fit time.
+
+    ``step_time`` times training batches only; ``fit_time`` is the wall time of ``Trainer.fit``, so it also counts
+    the epoch-level work some methods do outside the batches (Gradient Blending's estimation, the re-learning
+    diagnosis) and validation.
+    """
 
     method: str
     seed: int
@@ -100,6 +105,7 @@ class RunResult:
     best_epoch: int
     log_dir: str
     probe_acc: dict[str, float] = field(default_factory=dict)
+    fit_time: float = float("nan")
 
 
 class _StepTimer(Callback):
@@ -162,7 +168,9 @@ def run_one(
     )
     kwargs.update(trainer_kwargs or {})
     trainer = pl.Trainer(**kwargs)
+    start = time.perf_counter()
     trainer.fit(model, datamodule=dm)
+    fit_time = time.perf_counter() - start
     (metrics,) = trainer.test(model, datamodule=dm, ckpt_path="best", verbose=False)
     best = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=False)
     return RunResult(
@@ -175,6 +183,7 @@ def run_one(
         best_epoch=int(best["epoch"]),
         log_dir=str(trainer.logger.log_dir) if trainer.logger is not None else "",
         probe_acc=_probe(model, dm) if probe else {},
+        fit_time=fit_time,
     )
 
 
@@ -205,6 +214,7 @@ class Summary:
     test_acc: tuple[float, float]
     modality_acc: dict[str, tuple[float, float]]
     relative_step_time: float
+    relative_fit_time: float
     probe_acc: dict[str, tuple[float, float]] = field(default_factory=dict)
     runs: list[RunResult] = field(default_factory=list)
 
@@ -214,12 +224,13 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def summarize(results: Sequence[RunResult], reference: str = "baseline") -> list[Summary]:
-    """Group runs by method (in :data:`METHODS` order); step times are relative to ``reference``."""
+    """Group runs by method (in :data:`METHODS` order); step and fit times are relative to ``reference``."""
     by_method: dict[str, list[RunResult]] = {}
     for r in results:
         by_method.setdefault(r.method, []).append(r)
     base = by_method.get(reference)
     base_time = statistics.median([r.step_time for r in base]) if base else float("nan")
+    base_fit = statistics.median([r.fit_time for r in base]) if base else float("nan")
     rows = []
     for method in sorted(by_method, key=lambda m: METHODS.index(m) if m in METHODS else len(METHODS)):
         runs = by_method[method]
@@ -230,6 +241,7 @@ def summarize(results: Sequence[RunResult], reference: str = "baseline") -> list
                 test_acc=_mean_std([r.test_acc for r in runs]),
                 modality_acc={m: _mean_std([r.modality_acc[m] for r in runs]) for m in modalities},
                 relative_step_time=statistics.median([r.step_time for r in runs]) / base_time,
+                relative_fit_time=statistics.median([r.fit_time for r in runs]) / base_fit,
                 probe_acc={m: _mean_std([r.probe_acc[m] for r in runs]) for m in runs[0].probe_acc},
                 runs=runs,
             )
@@ -238,14 +250,16 @@ def summarize(results: Sequence[RunResult], reference: str = "baseline") -> list
 
 
 def format_table(rows: Sequence[Summary]) -> str:
-    """A fixed-width text table: fused and per-modality test accuracy (mean +- std, %), relative step time."""
+    """A fixed-width text table: fused and per-modality test accuracy (mean +- std, %), relative step and fit time."""
     modalities = list(rows[0].modality_acc) if rows else []
-    header = ["method", "fused acc", *(f"{m} acc" for m in modalities), "step time", "seeds"]
+    header = ["method", "fused acc", *(f"{m} acc" for m in modalities), "step time", "fit time", "seeds"]
     lines = [header]
     for r in rows:
         cells = [f"{100 * r.test_acc[0]:.1f} ± {100 * r.test_acc[1]:.1f}"]
         cells += [f"{100 * r.modality_acc[m][0]:.1f} ± {100 * r.modality_acc[m][1]:.1f}" for m in modalities]
-        lines.append([r.method, *cells, f"{r.relative_step_time:.2f}x", str(len(r.runs))])
+        lines.append(
+            [r.method, *cells, f"{r.relative_step_time:.2f}x", f"{r.relative_fit_time:.2f}x", str(len(r.runs))]
+        )
     widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
     text = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in lines]
     text.insert(1, "  ".join("-" * w for w in widths))

@@ -18,7 +18,7 @@ from lightning_mmbalance.experiment import (
 from lightning_mmbalance.models import LateFusionClassifier
 
 
-def _result(method, seed, acc, step_time, probe=None):
+def _result(method, seed, acc, step_time, probe=None, fit_time=1.0):
     return RunResult(
         method=method,
         seed=seed,
@@ -29,6 +29,7 @@ def _result(method, seed, acc, step_time, probe=None):
         best_epoch=0,
         log_dir="",
         probe_acc=probe or {},
+        fit_time=fit_time,
     )
 
 
@@ -90,7 +91,7 @@ def test_unknown_names():
 
 def test_summarize_mean_std_and_relative_time():
     results = [
-        _result("ogm_ge", 0, 0.8, 0.03, {"gray": 0.5, "color": 0.4}),
+        _result("ogm_ge", 0, 0.8, 0.03, {"gray": 0.5, "color": 0.4}, fit_time=3.0),
         _result("baseline", 0, 0.6, 0.01, {"gray": 0.3, "color": 0.9}),
         _result("ogm_ge", 1, 0.6, 0.02, {"gray": 0.7, "color": 0.4}),
         _result("baseline", 1, 0.7, 0.01, {"gray": 0.4, "color": 0.9}),
@@ -101,20 +102,11 @@ def test_summarize_mean_std_and_relative_time():
     assert ogm.modality_acc["gray"][0] == pytest.approx(0.35)
     assert ogm.probe_acc["gray"] == pytest.approx((0.6, math.sqrt(0.02)))
     assert (base.relative_step_time, ogm.relative_step_time) == pytest.approx((1.0, 2.5))
+    assert ogm.relative_fit_time == pytest.approx(2.0)  # median of 3.0 and 1.0 over the baseline's 1.0
     table = format_table([base, ogm])
-    assert "70.0 ± 14.1" in table and "2.50x" in table
-    assert table.splitlines()[0].split() == [
-        "method",
-        "fused",
-        "acc",
-        "gray",
-        "acc",
-        "color",
-        "acc",
-        "step",
-        "time",
-        "seeds",
-    ]
+    assert "70.0 ± 14.1" in table and "2.50x" in table and "2.00x" in table
+    header = ["method", "fused", "acc", "gray", "acc", "color", "acc", "step", "time", "fit", "time", "seeds"]
+    assert table.splitlines()[0].split() == header
 
 
 def test_fit_with_a_callback_from_the_command_line(tmp_path):
