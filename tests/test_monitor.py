@@ -1,6 +1,9 @@
+import csv
+
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.loggers import CSVLogger
 from tiny import SaveParams, TinyData, TinyModel, assert_states_close, load_ranks, trainer_kwargs
 
 from lightning_mmbalance import OGMGE, ModalityMonitor
@@ -143,13 +146,29 @@ def test_event_file_round_trip(tmp_path):
     assert len(acc.Scalars("mmbalance/monitor/masked_acc/a")) == 2  # one per validation epoch
 
 
-def test_every_n_steps():
-    mon = ModalityMonitor(every_n_steps=3, masked_eval=False, shapley=False)
-    stats = []
-    original = mon._step_values
-    mon._step_values = lambda s: stats.append(s) or original(s)
-    _fit([mon], max_steps=7)
-    assert len(stats) == 3  # steps 0, 3, 6
+@pytest.mark.parametrize(
+    ("log_every", "every", "conflict_every", "acc_steps", "cos_steps"),
+    [
+        (1, 3, 2, [2, 5, 8, 11], [1, 3, 5, 7, 9, 11]),
+        (4, 2, 3, [3, 7, 11], [11]),  # aligned to the Trainer's cadence: lcm(2, 4) = 4, lcm(3, 4) = 12
+        (4, 1, None, [3, 7, 11], []),
+    ],
+)
+def test_cadence_is_aligned_to_log_every_n_steps(tmp_path, log_every, every, conflict_every, acc_steps, cos_steps):
+    mon = ModalityMonitor(every_n_steps=every, conflict_every_n_steps=conflict_every, masked_eval=False, shapley=False)
+    measured, conflicts = [], []
+    logging_step, conflict_values = mon._logging_step, mon._conflict_values
+    mon._logging_step = lambda t, f=logging_step: f(t) and (measured.append(t.global_step) or True)
+    mon._conflict_values = lambda t: conflicts.append(t.global_step) or conflict_values(t)
+    kw = dict(max_epochs=2, max_steps=12, log_every_n_steps=log_every)
+    _fit([mon], logger=CSVLogger(tmp_path, name="", version=""), **kw)
+    assert measured == acc_steps and conflicts == cos_steps  # no work on the other steps
+    with open(tmp_path / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    written = [int(r["step"]) for r in rows if r.get("mmbalance/monitor/acc/a")]
+    assert written[0] == acc_steps[0]
+    if log_every > 1:  # every written step is a measured one
+        assert written == acc_steps
 
 
 def test_ddp_reduced_and_identical(tmp_path):

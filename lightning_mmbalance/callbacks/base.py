@@ -307,16 +307,17 @@ class BalancingCallback(Callback):
         return f"mmbalance/{self.method}/{quantity}/{modality}"
 
     @staticmethod
-    def _logs_this_step(trainer: pl.Trainer) -> bool:
-        """Whether the Trainer writes this optimizer step's logs (its ``log_every_n_steps`` cadence).
+    def _logs_this_step(trainer: pl.Trainer, every_n_steps: int = 1) -> bool:
+        """Whether this optimizer step is one of every ``every_n_steps`` steps whose logs the Trainer writes.
 
-        Valid until the step's ``on_train_batch_end``; ``self.log`` costs about a millisecond per value, so per-step
-        values are only logged on the steps whose logs are written.
+        Lightning writes step-level logs every ``log_every_n_steps`` steps only, so this is every
+        ``lcm(every_n_steps, log_every_n_steps)``-th step. Valid until the step's ``on_train_batch_end``;
+        ``self.log`` costs about a millisecond per value, so per-step values are only logged on such steps.
         """
         if trainer.fast_dev_run:
             return True
         every = trainer.log_every_n_steps
-        return every > 0 and (trainer.global_step + 1) % every == 0
+        return every > 0 and (trainer.global_step + 1) % math.lcm(every_n_steps, every) == 0
 
     def _log_values(
         self,

@@ -58,7 +58,8 @@ def masked_forward(module: nn.Module, batch: Any, masked: frozenset[str]) -> Mul
 class ModalityMonitor(BalancingCallback):
     r"""Per-modality diagnostics of multimodal training; changes nothing in training.
 
-    Per optimizer step (every ``every_n_steps``; from tensors the step already has), under
+    Per optimizer step (every ``every_n_steps``, aligned to the Trainer's ``log_every_n_steps``; from tensors the
+    step already has), under
     ``mmbalance/monitor/<quantity>/<modality>``: unimodal accuracy and loss (``acc``, ``loss``), OGM-GE's score and
     ratio (``score``: mean true-class probability, ``ratio``: score over the mean of the others), ARL's signals
     (``entropy``: mean prediction entropy in nats, ``abs_logit``: mean L1 norm of the logits), the encoder gradient
@@ -82,13 +83,17 @@ class ModalityMonitor(BalancingCallback):
     logger's folder as ``mmbalance_summary.png``. All values are reduced across DDP ranks before logging.
 
     Args:
-        every_n_steps: log the per-step quantities every this many optimizer steps, int >= 1.
-        conflict_every_n_steps: run the gradient-conflict test every this many steps (None = never).
+        every_n_steps: measure and log the per-step quantities every this many optimizer steps, int >= 1. Lightning
+            writes step logs every ``log_every_n_steps`` steps only, so the monitor measures every
+            ``lcm(every_n_steps, log_every_n_steps)``-th step (every written step with the default 1).
+        conflict_every_n_steps: run the gradient-conflict test every this many steps, aligned the same way
+            (None = never).
         masked_eval: evaluate masked accuracy and utilisation per validation epoch.
         shapley: evaluate Shapley contributions per validation epoch (up to 4 modalities).
         linear_probe: fit the linear probes at the end of training.
         encoders: modality -> dotted attribute path; None uses ``pl_module.encoders``.
-        forward_fn: ``(module, batch) -> MultimodalOutput`` for the probe's feature passes; None = ``module(batch)``.
+        forward_fn: ``(module, batch) -> MultimodalOutput`` for the validation passes and the probes' feature
+            passes; None = ``module(batch)``.
 
     Example::
 
@@ -153,12 +158,11 @@ class ModalityMonitor(BalancingCallback):
 
     # ------------------------------------------------------------------ per step
     def _logging_step(self, trainer: pl.Trainer) -> bool:
-        """Measure on every ``every_n_steps``-th step whose logs the Trainer writes (``log_every_n_steps``)."""
-        return trainer.global_step % self.every_n_steps == 0 and self._logs_this_step(trainer)
+        return self._logs_this_step(trainer, self.every_n_steps)
 
     def _conflict_step(self, trainer: pl.Trainer) -> bool:
         n = self.conflict_every_n_steps
-        return n is not None and trainer.global_step % n == 0
+        return n is not None and self._logs_this_step(trainer, n)
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
         """Accumulate the step's statistics (and, on conflict steps, the per-loss encoder gradients)."""
