@@ -291,7 +291,8 @@ def test_max_samples_subset_and_order_untouched():
     cb = DiagnosingRelearning(every_n_epochs=1, max_reinits=1, max_samples=20)
     with_cb, without = run([cb]), run([])
     assert all(torch.equal(a, b) for a, b in zip(with_cb, without, strict=True))
-    assert cb._subset(64) == sorted(cb._subset(64)) and len(cb._subset(64)) == 20 and cb._subset(10) is None
+    big, small = [0] * 64, [0] * 10
+    assert cb._subset(big) == sorted(cb._subset(big)) and len(cb._subset(big)) == 20 and cb._subset(small) is None
 
 
 def test_missing_validation_loader_and_features():
@@ -327,3 +328,23 @@ def test_missing_validation_loader_and_features():
 def test_argument_validation(kwargs, error, match):
     with pytest.raises(error, match=match):
         DiagnosingRelearning(**kwargs)
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    def __init__(self, pairs):
+        self.pairs = pairs
+
+    def __iter__(self):
+        return iter(self.pairs[i] for i in range(len(self.pairs)))
+
+
+def test_max_samples_needs_map_style_data():
+    class Data(TinyData):
+        def train_dataloader(self):
+            return DataLoader(_Stream(self.train_set), batch_size=self.batch_size)
+
+    cb = DiagnosingRelearning(every_n_epochs=1, max_samples=8)
+    trainer = pl.Trainer(**trainer_kwargs(callbacks=[cb], max_epochs=3, limit_val_batches=1.0))
+    match = r"DiagnosingRelearning\(max_samples=8\) needs map-style datasets \(with `__len__`\), got _Stream"
+    with pytest.raises(MisconfigurationException, match=match):
+        trainer.fit(TinyModel(), datamodule=Data())

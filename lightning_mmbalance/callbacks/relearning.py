@@ -12,6 +12,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader
@@ -25,6 +26,7 @@ from lightning_mmbalance.callbacks.base import (
     extract_features,
     isolated_rng,
     loader_view,
+    train_loader,
     validation_loader,
 )
 from lightning_mmbalance.functional.relearning import _relearn_, clustering_purity, relearning_alpha
@@ -157,13 +159,8 @@ class DiagnosingRelearning(BalancingCallback):
     # ------------------------------------------------------------------ diagnosis
     def _diagnose(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, tuple[float, float]]:
         """(train purity, val purity) per modality; computed on rank 0 and broadcast."""
-        train_loader = trainer.train_dataloader
-        if not isinstance(train_loader, DataLoader):
-            raise TypeError(
-                f"{self.name} needs the training data as one DataLoader, got {type(train_loader).__name__}."
-            )
         with isolated_rng(self.seed):
-            train = self._features(trainer, pl_module, train_loader)
+            train = self._features(trainer, pl_module, train_loader(trainer, self.name))
             val = self._features(trainer, pl_module, validation_loader(trainer, self.name))
         result: dict[str, tuple[float, float]] | None = None
         if trainer.is_global_zero:
@@ -178,8 +175,16 @@ class DiagnosingRelearning(BalancingCallback):
             }
         return trainer.strategy.broadcast(result, src=0)
 
-    def _subset(self, n: int) -> list[int] | None:
-        if self.max_samples is None or self.max_samples >= n:
+    def _subset(self, dataset: object) -> list[int] | None:
+        if self.max_samples is None:
+            return None
+        if not hasattr(dataset, "__len__"):
+            raise MisconfigurationException(
+                f"{self.name}(max_samples={self.max_samples}) needs map-style datasets (with `__len__`), got "
+                f"{type(dataset).__name__}; use max_samples=None to diagnose on everything the loader yields."
+            )
+        n = len(dataset)  # type: ignore[arg-type]
+        if self.max_samples >= n:
             return None
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
         return sorted(perm[: self.max_samples].tolist())
@@ -187,7 +192,7 @@ class DiagnosingRelearning(BalancingCallback):
     def _features(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loader: DataLoader
     ) -> tuple[dict[str, Tensor], Tensor, int]:
-        indices = self._subset(len(loader.dataset))  # type: ignore[arg-type]
+        indices = self._subset(loader.dataset)
         view = loader_view(loader, trainer, indices=indices)
         return extract_features(trainer, pl_module, view, self.modalities, self.forward_fn, self.name)
 
