@@ -101,6 +101,23 @@ class OfficialMMPareto(LateFusionClassifier):
         opt.step()
 
 
+class PlainManual(LateFusionClassifier):
+    """The reference of the official procedure: manual optimisation, one backward of L_f + sum L_m."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        opt = self.optimizers()
+        out: MultimodalOutput = self(batch)
+        ce = torch.nn.functional.cross_entropy
+        loss = ce(out.logits, out.targets) + sum(ce(z, out.targets) for z in out.unimodal_logits.values())
+        opt.zero_grad()
+        self.manual_backward(loss)
+        opt.step()
+
+
 class WeightedLoss(UnimodalLosses):
     """A plain reference with ARL's loss (L_f + gamma * sum L_m) and nothing else."""
 
@@ -135,7 +152,8 @@ def configurations() -> dict[str, tuple[str, Callable[[], list[Callback]], type[
             base,
         ),
         "MMPareto": ("plain (L_f + sum L_m)", lambda: [MMPareto()], base),
-        "official MMPareto (3+1 backward)": ("plain (L_f + sum L_m)", list, OfficialMMPareto),
+        "plain manual (L_f + sum L_m)": ("plain manual (L_f + sum L_m)", list, PlainManual),
+        "official MMPareto (3+1 backward)": ("plain manual (L_f + sum L_m)", list, OfficialMMPareto),
     }
 
 

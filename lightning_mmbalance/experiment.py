@@ -109,7 +109,7 @@ class RunResult:
 
 
 class _StepTimer(Callback):
-    """Median wall time of a training batch (forward, backward, callbacks and optimizer step)."""
+    """Median wall time of a training batch (forward, backward, callbacks and optimizer step), after epoch 0."""
 
     def __init__(self) -> None:
         self.times: list[float] = []
@@ -119,7 +119,8 @@ class _StepTimer(Callback):
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        self.times.append(time.perf_counter() - self._start)
+        if trainer.current_epoch > 0 or trainer.max_epochs == 1:  # the first epoch warms the process up
+            self.times.append(time.perf_counter() - self._start)
 
     @property
     def median(self) -> float:
