@@ -1,7 +1,8 @@
 """The ``mmbalance`` command.
 
 - ``mmbalance compare``: train the reference model on built-in data without balancing and with each method, and
-  print fused and per-modality test accuracy (mean +- std over seeds) and the step time relative to the baseline.
+  print fused and per-modality test accuracy (mean +- std over seeds) and the step and fit times relative to the
+  baseline.
 - ``mmbalance fit|validate|test``: LightningCLI over the reference model and the built-in data modules, so any
   callback can be added from the command line or a YAML config, e.g.
   ``mmbalance fit --data CGDigitsDataModule --trainer.callbacks+=lightning_mmbalance.OGMGE``.
