@@ -65,19 +65,31 @@ class Timer(Callback):
             self.times.append(time.perf_counter() - self._start)
 
 
-class OfficialMMPareto(LateFusionClassifier):
-    """The official MMPareto procedure: three recorded backward passes, then a fourth for the sum (manual)."""
+class PlainManual(LateFusionClassifier):
+    """The reference of the official procedure: manual optimisation, one backward of L_f + sum L_m."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.automatic_optimization = False
 
-    def training_step(self, batch: Any, batch_idx: int) -> None:
-        opt = self.optimizers()
+    def _losses(self, batch: Any) -> dict[str, torch.Tensor]:
         out: MultimodalOutput = self(batch)
         ce = torch.nn.functional.cross_entropy
-        losses = {"fused": ce(out.logits, out.targets)}
-        losses.update({m: ce(z, out.targets) for m, z in out.unimodal_logits.items()})
+        return {"fused": ce(out.logits, out.targets), **{m: ce(z, out.targets) for m, z in out.unimodal_logits.items()}}
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        opt = self.optimizers()
+        opt.zero_grad()
+        self.manual_backward(sum(self._losses(batch).values()))
+        opt.step()
+
+
+class OfficialMMPareto(PlainManual):
+    """The official MMPareto procedure: three recorded backward passes, then a fourth for the sum (manual)."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        opt = self.optimizers()
+        losses = self._losses(batch)
         enc = {m: list(self.encoders[m].parameters()) for m in self.encoders}
         recorded: dict[str, dict[str, list[torch.Tensor]]] = {}
         for key, loss in losses.items():
@@ -98,23 +110,6 @@ class OfficialMMPareto(LateFusionClassifier):
                 n = 2 * w_mm * a + 2 * (1 - w_mm) * b
                 r = p.grad.norm() / n.norm()
                 p.grad = 1.5 * r * n if r > 1 else 1.5 * n
-        opt.step()
-
-
-class PlainManual(LateFusionClassifier):
-    """The reference of the official procedure: manual optimisation, one backward of L_f + sum L_m."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.automatic_optimization = False
-
-    def training_step(self, batch: Any, batch_idx: int) -> None:
-        opt = self.optimizers()
-        out: MultimodalOutput = self(batch)
-        ce = torch.nn.functional.cross_entropy
-        loss = ce(out.logits, out.targets) + sum(ce(z, out.targets) for z in out.unimodal_logits.values())
-        opt.zero_grad()
-        self.manual_backward(loss)
         opt.step()
 
 
