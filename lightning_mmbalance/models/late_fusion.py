@@ -54,9 +54,9 @@ class LateFusionClassifier(pl.LightningModule):
 
     Each modality has its own encoder in ``self.encoders`` (an ``nn.ModuleDict``): an MLP
     ``Linear(D, hidden_dim) -> ReLU -> Linear(hidden_dim, feature_dim) -> ReLU`` for a vector input ``[D]``, a small
-    CNN (two 3x3 convs with 16 and 32 channels, global average pooling, ``Linear(32, feature_dim) -> ReLU``) for an
-    image ``[C, H, W]``. The encoders have no BatchNorm, so that DDP and one process train identically. The features
-    go to ``self.fusion``, a :class:`~lightning_mmbalance.fusion.ConcatFusion` or
+    CNN (two 3x3 convs with 16 and 32 channels, the second with stride 2, then ``Linear(flattened map, feature_dim) ->
+    ReLU``) for an image ``[C, H, W]``. The encoders have no BatchNorm, so that DDP and one process train
+    identically. The features go to ``self.fusion``, a :class:`~lightning_mmbalance.fusion.ConcatFusion` or
     :class:`~lightning_mmbalance.fusion.SumFusion`, which gives the fused and the unimodal logits. With
     ``unimodal_heads=True`` the unimodal logits come from separate heads ``self.unimodal_heads[m]``
     (``Linear(feature_dim, num_classes)``, as in MMPareto's official model) instead.
