@@ -4,6 +4,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from tiny import SaveParams, TinyData, TinyModel, assert_states_close, load_ranks, trainer_kwargs
 
 from lightning_mmbalance import OGMGE, ModalityMonitor
@@ -202,3 +203,24 @@ def test_errors():
     dims = {m: 2 for m in "abcde"}
     with pytest.raises(ValueError, match="5 modalities is too many. Pass `shapley=False`"):
         _fit([ModalityMonitor()], model=TinyModel(dims=dims), data=TinyData(dims=dims))
+
+
+def test_no_logger_no_figure(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _fit([ModalityMonitor(linear_probe=True)], max_epochs=1, default_root_dir=tmp_path)
+    assert not list(tmp_path.rglob("mmbalance_summary.png"))  # no logger folder: nothing written anywhere
+
+
+def test_training_data_must_be_one_loader():
+    class DictBatches(TinyModel):
+        def forward(self, batch):
+            return super().forward(batch["x"] if isinstance(batch, dict) else batch)
+
+    class Data(TinyData):
+        def train_dataloader(self):
+            return {"x": super().train_dataloader()}
+
+    with pytest.raises(
+        MisconfigurationException, match="ModalityMonitor needs the training data as one DataLoader, got"
+    ):
+        _fit([ModalityMonitor(linear_probe=True)], model=DictBatches(), data=Data(), max_epochs=1)
