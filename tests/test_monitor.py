@@ -198,6 +198,8 @@ def test_errors():
         ModalityMonitor(conflict_every_n_steps=0)
     with pytest.raises(TypeError, match="`linear_probe` must be a bool"):
         ModalityMonitor(linear_probe="yes")
+    with pytest.raises(TypeError, match=r"`forward_fn` must be callable \(module, batch\) -> MultimodalOutput, got 1"):
+        ModalityMonitor(forward_fn=1)
     with pytest.raises(TypeError, match="cannot mask modalities of Linear: give it a method `masked_forward"):
         masked_forward(torch.nn.Linear(1, 1), torch.zeros(1), frozenset("a"))
     dims = {m: 2 for m in "abcde"}

@@ -379,6 +379,12 @@ def check_bool(name: str, value: Any) -> None:
         raise TypeError(f"`{name}` must be a bool, got {value!r}.")
 
 
+def check_forward_fn(forward_fn: Any) -> None:
+    """``TypeError`` unless ``forward_fn`` is None or callable ``(module, batch) -> MultimodalOutput``."""
+    if forward_fn is not None and not callable(forward_fn):
+        raise TypeError(f"`forward_fn` must be callable (module, batch) -> MultimodalOutput, got {forward_fn!r}.")
+
+
 # ---------------------------------------------------------------------------------------- held-out data and copies
 def train_loader(trainer: pl.Trainer, method: str) -> DataLoader:
     """The fit's training DataLoader.

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from lightning_mmbalance.callbacks.base import (
     BalancingCallback,
     ForwardFn,
+    check_forward_fn,
     check_int,
     detached_copy,
     eval_mode,
@@ -114,8 +115,7 @@ class GradientBlending(BalancingCallback):
             raise ValueError(f"`policy` must be one of {POLICIES}, got {policy!r}.")
         if max_batches is not None:
             check_int("max_batches", max_batches, 1)
-        if forward_fn is not None and not callable(forward_fn):
-            raise TypeError(f"`forward_fn` must be callable (module, batch) -> MultimodalOutput, got {forward_fn!r}.")
+        check_forward_fn(forward_fn)
         self.mode = mode
         self.super_epoch = super_epoch
         self.estimation_epochs = estimation_epochs if estimation_epochs is not None else super_epoch

@@ -18,6 +18,7 @@ from lightning_mmbalance.callbacks.base import (
     BalancingCallback,
     ForwardFn,
     check_bool,
+    check_forward_fn,
     check_int,
     extract_features,
     loader_view,
@@ -124,8 +125,7 @@ class ModalityMonitor(BalancingCallback):
         check_bool("masked_eval", masked_eval)
         check_bool("shapley", shapley)
         check_bool("linear_probe", linear_probe)
-        if forward_fn is not None and not callable(forward_fn):
-            raise TypeError(f"`forward_fn` must be callable (module, batch) -> MultimodalOutput, got {forward_fn!r}.")
+        check_forward_fn(forward_fn)
         self.every_n_steps = every_n_steps
         self.conflict_every_n_steps = conflict_every_n_steps
         self.masked_eval = masked_eval

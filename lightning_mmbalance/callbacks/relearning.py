@@ -22,6 +22,7 @@ from lightning_mmbalance.callbacks.base import (
     ForwardFn,
     check_bool,
     check_float,
+    check_forward_fn,
     check_int,
     extract_features,
     isolated_rng,
@@ -98,8 +99,7 @@ class DiagnosingRelearning(BalancingCallback):
             check_int("max_samples", max_samples, 1)
         check_bool("reset_optimizer_state", reset_optimizer_state)
         check_int("seed", seed, 0)
-        if forward_fn is not None and not callable(forward_fn):
-            raise TypeError(f"`forward_fn` must be callable (module, batch) -> MultimodalOutput, got {forward_fn!r}.")
+        check_forward_fn(forward_fn)
         self.strength = float(strength)
         self.every_n_epochs = every_n_epochs
         self.max_reinits = max_reinits
