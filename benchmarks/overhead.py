@@ -167,6 +167,11 @@ def _collate(items: list[tuple[torch.Tensor, ...]]) -> tuple[dict[str, torch.Ten
     return {"a": a, "b": b}, y
 
 
+def make_model(cls: type[LateFusionClassifier] = LateFusionClassifier, **kwargs: Any) -> LateFusionClassifier:
+    """The benchmark model: two MLP encoders of about 0.8 M parameters each."""
+    return cls({"a": [DIM], "b": [DIM]}, CLASSES, feature_dim=FEATURE, hidden_dim=HIDDEN, **kwargs)
+
+
 def _trainer(args: argparse.Namespace, callbacks: list[Callback], **overrides: Any) -> pl.Trainer:
     kwargs: dict[str, Any] = dict(
         accelerator=args.accelerator,
@@ -189,7 +194,7 @@ def time_config(
 ) -> tuple[list[float], float]:
     """Step times of one fit, and its peak CUDA memory in MiB (NaN on CPU)."""
     pl.seed_everything(0, verbose=False)
-    model = cls({"a": [DIM], "b": [DIM]}, CLASSES, feature_dim=FEATURE, hidden_dim=HIDDEN, lr=1e-3)
+    model = make_model(cls, lr=1e-3)
     timer = Timer(skip=args.warmup)
     trainer = _trainer(args, [*factory(), timer], max_steps=args.steps + args.warmup)
     cuda = args.accelerator in ("gpu", "cuda")
@@ -225,7 +230,7 @@ def epoch_costs(args: argparse.Namespace) -> dict[str, float]:
     for _ in range(max(1, args.rounds // 2)):
         for name, factory in configs.items():
             pl.seed_everything(0, verbose=False)
-            model = LateFusionClassifier({"a": [DIM], "b": [DIM]}, CLASSES, feature_dim=FEATURE, hidden_dim=HIDDEN)
+            model = make_model()
             trainer = _trainer(args, factory(), max_epochs=2, limit_val_batches=4)
             start = time.perf_counter()
             trainer.fit(
@@ -238,8 +243,8 @@ def epoch_costs(args: argparse.Namespace) -> dict[str, float]:
     return {name: statistics.median(ts) / plain for name, ts in times.items() if name != "plain"}
 
 
-def encoder_parameters() -> int:
-    model = LateFusionClassifier({"a": [DIM], "b": [DIM]}, CLASSES, feature_dim=FEATURE, hidden_dim=HIDDEN)
+def encoder_parameters() -> dict[str, int]:
+    model = make_model()
     return {m: sum(p.numel() for p in e.parameters()) for m, e in model.encoders.items()}
 
 
@@ -250,18 +255,16 @@ def ddp_throughput(args: argparse.Namespace) -> dict[str, float]:
         rates = {}
         for devices in (1, 2):
             pl.seed_everything(0, verbose=False)
-            model = LateFusionClassifier({"a": [DIM], "b": [DIM]}, CLASSES, feature_dim=FEATURE, hidden_dim=HIDDEN)
-            trainer = pl.Trainer(
+            model = make_model()
+            trainer = _trainer(
+                args,
+                factory(),
                 accelerator="cpu",
+                precision="32-true",
                 devices=devices,
                 strategy="ddp_fork" if devices > 1 else "auto",
                 max_steps=args.steps,
-                logger=False,
-                enable_checkpointing=False,
-                enable_progress_bar=False,
-                enable_model_summary=False,
                 limit_val_batches=0,
-                callbacks=factory(),
             )
             start = time.perf_counter()
             trainer.fit(model, train_dataloaders=make_loader(args.batch, args.steps * devices))
