@@ -9,6 +9,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_mmbalance.callbacks.base import check_int
+
 __all__ = ["MultimodalDataModule", "MultimodalTensorDataset"]
 
 
@@ -70,8 +72,7 @@ class MultimodalDataModule(pl.LightningDataModule):
     def __init__(self, batch_size: int = 64, num_workers: int = 0, seed: int = 0) -> None:
         super().__init__()
         for name, value, low in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0), ("seed", seed, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"`{name}` must be an int >= {low}, got {value!r}.")
+            check_int(name, value, low)
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.seed = seed

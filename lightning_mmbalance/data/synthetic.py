@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from lightning_mmbalance.callbacks.base import check_int
 from lightning_mmbalance.data.base import MultimodalDataModule, MultimodalTensorDataset
 
 __all__ = ["SyntheticDataModule"]
@@ -63,8 +64,7 @@ class SyntheticDataModule(MultimodalDataModule):
             ("n_val", n_val, 1),
             ("n_test", n_test, 1),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"`{name}` must be an int >= {low}, got {value!r}.")
+            check_int(name, value, low)
         if signal is None:
             signal = torch.linspace(3.0, 1.0, num_modalities).tolist()
         if len(signal) != num_modalities or any(s < 0 for s in signal):
