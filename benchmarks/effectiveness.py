@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from lightning_mmbalance.experiment import DATASETS, IMPLEMENTED, run_one, summarize
+from lightning_mmbalance.experiment import DATASETS, METHODS, run_one, summarize
 
 
 def markdown(rows, modalities) -> str:
@@ -50,7 +50,7 @@ def markdown(rows, modalities) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", nargs="+", choices=DATASETS, default=list(DATASETS))
-    parser.add_argument("--methods", nargs="+", choices=IMPLEMENTED, default=list(IMPLEMENTED))
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--output", type=Path, default=Path("benchmark_runs"))

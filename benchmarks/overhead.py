@@ -37,7 +37,7 @@ from lightning_mmbalance import (
     ModalityMonitor,
     MultimodalOutput,
 )
-from lightning_mmbalance.experiment import UnimodalLosses
+from lightning_mmbalance.callbacks import UnimodalLosses
 from lightning_mmbalance.models import LateFusionClassifier
 
 DIM, HIDDEN, FEATURE, CLASSES = 1024, 640, 256, 10

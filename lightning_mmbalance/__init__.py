@@ -8,11 +8,15 @@ from lightning_mmbalance.callbacks import (
     GradientBlending,
     MMPareto,
     ModalityMonitor,
+    MultimodalCallback,
+    UnimodalLosses,
 )
-from lightning_mmbalance.contract import MultimodalOutput, multimodal_loss
+from lightning_mmbalance.contract import MultimodalOutput
 from lightning_mmbalance.fusion import ConcatFusion, SumFusion, ZeroMaskFusion
+from lightning_mmbalance.loss import multimodal_loss
+from lightning_mmbalance.masking import masked_forward
 
-__version__ = "0.1.0.dev0"
+__version__ = "0.2.0.dev0"
 
 __all__ = [
     "ARL",
@@ -23,9 +27,12 @@ __all__ = [
     "GradientBlending",
     "MMPareto",
     "ModalityMonitor",
+    "MultimodalCallback",
     "MultimodalOutput",
     "SumFusion",
+    "UnimodalLosses",
     "ZeroMaskFusion",
     "__version__",
+    "masked_forward",
     "multimodal_loss",
 ]

@@ -35,16 +35,14 @@ class MMBalanceCLI(LightningCLI):
 
 
 def _compare_parser() -> argparse.ArgumentParser:
-    from lightning_mmbalance.experiment import DATASETS, IMPLEMENTED, METHODS
+    from lightning_mmbalance.experiment import DATASETS, METHODS
 
-    missing = [m for m in METHODS if m not in IMPLEMENTED]
     parser = argparse.ArgumentParser(
         prog="mmbalance compare",
         description="Train the reference late-fusion model on built-in data without balancing and with each "
-        "balancing method; select on validation accuracy, report test accuracy."
-        + (f" Not implemented yet: {', '.join(missing)}." if missing else ""),
+        "balancing method; select on validation accuracy, report test accuracy.",
     )
-    parser.add_argument("--methods", nargs="+", choices=IMPLEMENTED, default=list(IMPLEMENTED), metavar="METHOD")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), metavar="METHOD")
     parser.add_argument("--seeds", type=int, default=2, help="number of seeds (0, 1, ...); default 2")
     parser.add_argument("--epochs", type=int, default=15, help="training epochs per run; default 15")
     parser.add_argument("--data", choices=DATASETS, default="cg-digits", help="built-in data set; default cg-digits")
@@ -113,9 +111,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 0
     print(
-        "usage: mmbalance {compare,fit,validate,test} ...\n\n"
+        "usage: mmbalance {compare,fit,validate,test,predict} ...\n\n"
         "  compare   compare the balancing methods on built-in data (mmbalance compare --help)\n"
-        "  fit       LightningCLI training of the reference model (mmbalance fit --help)",
+        "  fit       train the reference model with LightningCLI (mmbalance fit --help)\n"
+        "  validate  evaluate a checkpoint on the validation split (LightningCLI)\n"
+        "  test      evaluate a checkpoint on the test split (LightningCLI)\n"
+        "  predict   run the model on the prediction data (LightningCLI)",
         file=sys.stderr if argv else sys.stdout,
     )
     return 0 if not argv or argv[0] in ("-h", "--help") else 2

@@ -1,34 +1,25 @@
-"""The contract between a user's LightningModule and the balancing callbacks.
+"""The contract between a user's LightningModule and the callbacks: the data types, encoder resolution, checks.
 
 A module integrates with every callback of this package in two places:
 
 1. It says which parameters belong to which modality, with an ``nn.ModuleDict`` named ``encoders`` (or the callbacks'
-   ``encoders=`` argument, a mapping of modality name to dotted attribute path).
-2. Its ``training_step`` returns ``multimodal_loss(self, output)``, where ``output`` is a :class:`MultimodalOutput`.
+   ``encoders=`` argument, a mapping of modality name to dotted attribute path), resolved by :func:`resolve_encoders`.
+2. Its ``training_step`` returns :func:`~lightning_mmbalance.multimodal_loss` of a :class:`MultimodalOutput`, which
+   :func:`validate_output` checks and which is recorded for the callbacks as a :class:`StepRecord`.
 
-``multimodal_loss`` validates the output, combines the fused and unimodal losses with the weights the attached
-callbacks ask for, and records the step so that the callbacks can read it in their hooks.
+This module is a leaf: it imports nothing from the rest of the package.
 """
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-if TYPE_CHECKING:
-    import lightning.pytorch as pl
-
-    from lightning_mmbalance.callbacks.base import BalancingCallback
-
-__all__ = ["MultimodalOutput", "StepRecord", "multimodal_loss", "resolve_encoders", "validate_output"]
-
-Criterion = Callable[[Tensor, Tensor], Tensor]
+__all__ = ["ForwardFn", "MultimodalOutput", "StepRecord", "resolve_encoders", "run_forward", "validate_output"]
 
 
 @dataclass
@@ -54,6 +45,15 @@ class MultimodalOutput:
     unimodal_logits: Mapping[str, Tensor]
     targets: Tensor
     features: Mapping[str, Tensor] = field(default_factory=dict)
+
+
+ForwardFn = Callable[[nn.Module, Any], MultimodalOutput]
+"""``(module, batch) -> MultimodalOutput``, for modules whose ``forward`` has another signature."""
+
+
+def run_forward(forward_fn: ForwardFn | None, module: nn.Module, batch: Any) -> MultimodalOutput:
+    """``forward_fn(module, batch)``, or ``module(batch)`` when ``forward_fn`` is None."""
+    return forward_fn(module, batch) if forward_fn is not None else module(batch)
 
 
 @dataclass
@@ -206,67 +206,3 @@ def validate_output(
     if values and targets.numel() and bool((targets.min() < 0) | (targets.max() >= classes)):
         lo, hi = int(targets.min()), int(targets.max())
         raise ValueError(f"`MultimodalOutput.targets` must lie in [0, {classes}), got values in [{lo}, {hi}].")
-
-
-_VALIDATED: weakref.WeakSet[pl.Trainer] = weakref.WeakSet()
-
-
-def _attached_callbacks(module: nn.Module) -> tuple[pl.Trainer | None, list[BalancingCallback]]:
-    from lightning_mmbalance.callbacks.base import BalancingCallback
-
-    trainer = getattr(module, "_trainer", None)
-    if trainer is None:
-        return None, []
-    return trainer, [cb for cb in trainer.callbacks if isinstance(cb, BalancingCallback)]
-
-
-def multimodal_loss(module: nn.Module, output: MultimodalOutput, criterion: Criterion = F.cross_entropy) -> Tensor:
-    """The training loss of a multimodal module, weighted as the attached balancing callbacks ask.
-
-    Return its value from ``training_step``; that one call is the whole integration with the callbacks. It validates
-    ``output`` (once per fit inside a Trainer), computes the fused loss ``L_f`` and, when a balancing callback is
-    attached, the unimodal losses ``L_m``, and returns ``w_f * L_f + sum_m w_m * L_m`` (defaults ``w_f = 1``,
-    ``w_m = 0``). Outside training, outside a Trainer, or with no balancing callback attached it is just ``L_f``.
-
-    Args:
-        module: the LightningModule (``self`` in ``training_step``).
-        output: the module's :class:`MultimodalOutput` for the batch.
-        criterion: ``criterion(logits, targets) -> scalar``, used for the fused and every unimodal loss.
-
-    Returns:
-        The scalar loss to return from ``training_step``.
-
-    Example::
-
-        def training_step(self, batch, batch_idx):
-            output = self(batch)  # a MultimodalOutput
-            return multimodal_loss(self, output)
-    """
-    trainer, callbacks = _attached_callbacks(module)
-    training = trainer is not None and trainer.training
-    if trainer is None or trainer not in _VALIDATED:
-        modalities = next((cb.modalities for cb in callbacks if cb.modalities), None)
-        if modalities is None and isinstance(getattr(module, "encoders", None), nn.ModuleDict):
-            modalities = tuple(module.encoders)
-        validate_output(output, modalities)
-        for cb in callbacks:
-            cb._check_output(output)
-        if training:
-            _VALIDATED.add(trainer)
-    fused = criterion(output.logits, output.targets)
-    if not training or not callbacks:
-        return fused
-    unimodal = {m: criterion(z, output.targets) for m, z in output.unimodal_logits.items()}
-    weights = {"fused": 1.0, **dict.fromkeys(unimodal, 0.0)}
-    for cb in callbacks:
-        asked = cb.loss_weights(trainer, module)
-        if asked is not None:
-            weights.update(asked)
-    loss = fused if weights["fused"] == 1.0 else weights["fused"] * fused
-    for m, loss_m in unimodal.items():
-        if weights[m] != 0.0:
-            loss = loss + weights[m] * loss_m
-    record = StepRecord(output=output, fused_loss=fused, unimodal_losses=unimodal, weights=weights, loss=loss)
-    for cb in callbacks:
-        cb._receive_record(record)
-    return loss

@@ -23,27 +23,28 @@ from torch.utils.data import DataLoader
 from lightning_mmbalance.callbacks import (
     ARL,
     OGMGE,
-    BalancingCallback,
     DiagnosingRelearning,
     GradientBlending,
     MMPareto,
+    UnimodalLosses,
 )
-from lightning_mmbalance.callbacks.monitor import probe_accuracy
+from lightning_mmbalance.callbacks.heldout import collect_features, eval_mode
 from lightning_mmbalance.data import CGDigitsDataModule, MultimodalDataModule, SyntheticDataModule
+from lightning_mmbalance.functional.diagnostics import probe_accuracy
 from lightning_mmbalance.models import LateFusionClassifier
 
-__all__ = ["IMPLEMENTED", "METHODS", "RunResult", "Summary", "method_callbacks", "run_one", "summarize"]
-
-
-class UnimodalLosses(BalancingCallback):
-    """The uniform baseline: ``L_f + sum_m L_m`` (MMPareto's ``uniform_baseline.py``), nothing else."""
-
-    method = "uniform"
-    sets_loss_weights = True
-
-    def loss_weights(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
-        """Weight 1 for the fused and every unimodal loss."""
-        return {"fused": 1.0, **dict.fromkeys(self.modalities, 1.0)}
+__all__ = [
+    "DATASETS",
+    "METHODS",
+    "RunResult",
+    "Summary",
+    "format_table",
+    "make_datamodule",
+    "method_callbacks",
+    "plot_summary",
+    "run_one",
+    "summarize",
+]
 
 
 def _scaled(fraction: float, max_epochs: int) -> int:
@@ -53,7 +54,7 @@ def _scaled(fraction: float, max_epochs: int) -> int:
 
 # Non-schedule arguments are the callbacks' documented defaults. Epoch schedules, which the official scripts set for
 # runs of 90-100 epochs, are scaled to the run length with the official fractions.
-_FACTORIES: dict[str, Callable[[int], list[Callback]]] = {
+_METHOD_FACTORIES: dict[str, Callable[[int], list[Callback]]] = {
     "baseline": lambda epochs: [],
     "uniform": lambda epochs: [UnimodalLosses()],
     "ogm_ge": lambda epochs: [OGMGE(modulation_ends=_scaled(0.5, epochs))],  # official: epochs 0-50 of 100
@@ -62,29 +63,30 @@ _FACTORIES: dict[str, Callable[[int], list[Callback]]] = {
     "gradient_blending": lambda epochs: [GradientBlending(super_epoch=_scaled(0.2, epochs))],
     "relearning": lambda epochs: [DiagnosingRelearning(every_n_epochs=_scaled(0.22, epochs))],  # official: 20 of 90
 }
-METHODS: tuple[str, ...] = ("baseline", "uniform", "ogm_ge", "mmpareto", "arl", "gradient_blending", "relearning")
+METHODS: tuple[str, ...] = tuple(_METHOD_FACTORIES)
 """Every method ``compare`` knows, in table order."""
-IMPLEMENTED: tuple[str, ...] = tuple(m for m in METHODS if m in _FACTORIES)
-"""The methods this version implements."""
-DATASETS = ("cg-digits", "synthetic", "synthetic3")
+
+_DATASET_FACTORIES: dict[str, Callable[[int], MultimodalDataModule]] = {
+    "cg-digits": lambda batch_size: CGDigitsDataModule(batch_size=batch_size),
+    "synthetic": lambda batch_size: SyntheticDataModule(batch_size=batch_size),
+    "synthetic3": lambda batch_size: SyntheticDataModule(num_modalities=3, batch_size=batch_size),
+}
+DATASETS: tuple[str, ...] = tuple(_DATASET_FACTORIES)
+"""Every built-in data set ``compare`` knows."""
 
 
 def method_callbacks(method: str, max_epochs: int) -> list[Callback]:
     """The callbacks of ``method`` for a run of ``max_epochs`` (empty for the joint-loss baseline)."""
-    if method not in _FACTORIES:
-        raise ValueError(f"Unknown method {method!r}; available: {IMPLEMENTED}.")
-    return _FACTORIES[method](max_epochs)
+    if method not in _METHOD_FACTORIES:
+        raise ValueError(f"Unknown method {method!r}; available: {METHODS}.")
+    return _METHOD_FACTORIES[method](max_epochs)
 
 
 def make_datamodule(dataset: str, batch_size: int = 64) -> MultimodalDataModule:
     """The built-in data set named ``dataset`` (fixed split seed, so every method sees the same data)."""
-    if dataset == "cg-digits":
-        return CGDigitsDataModule(batch_size=batch_size)
-    if dataset == "synthetic":
-        return SyntheticDataModule(batch_size=batch_size)
-    if dataset == "synthetic3":
-        return SyntheticDataModule(num_modalities=3, batch_size=batch_size)
-    raise ValueError(f"Unknown dataset {dataset!r}; available: {DATASETS}.")
+    if dataset not in _DATASET_FACTORIES:
+        raise ValueError(f"Unknown dataset {dataset!r}; available: {DATASETS}.")
+    return _DATASET_FACTORIES[dataset](batch_size)
 
 
 @dataclass
@@ -179,7 +181,7 @@ def run_one(
         seed=seed,
         test_acc=float(metrics["test/acc"]),
         modality_acc={m: float(metrics[f"test/acc_{m}"]) for m in dm.modalities},
-        val_acc=float(ckpt.best_model_score),
+        val_acc=float(ckpt.best_model_score or 0.0),
         step_time=timer.median,
         best_epoch=int(best["epoch"]),
         log_dir=str(trainer.logger.log_dir) if trainer.logger is not None else "",
@@ -188,23 +190,12 @@ def run_one(
     )
 
 
-def _features(model: LateFusionClassifier, dataset: Any) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    feats: dict[str, list[torch.Tensor]] = {}
-    labels = []
-    model.eval()
-    with torch.no_grad():
-        for batch in DataLoader(dataset, batch_size=256):
-            out = model(batch)
-            for m, f in out.features.items():
-                feats.setdefault(m, []).append(f)
-            labels.append(out.targets)
-    return {m: torch.cat(v) for m, v in feats.items()}, torch.cat(labels)
-
-
 def _probe(model: LateFusionClassifier, dm: MultimodalDataModule) -> dict[str, float]:
     """Linear-probe test accuracy of each encoder's features (the probe is fitted on the training split)."""
-    (train_x, train_y), (test_x, test_y) = _features(model, dm.train_set), _features(model, dm.test_set)
-    return {m: probe_accuracy(train_x[m], train_y, test_x[m], test_y) for m in train_x}
+    with eval_mode(model):
+        train_x, train_y, _ = collect_features(model, DataLoader(dm.train_set, 256), dm.modalities, None, "probe")
+        test_x, test_y, _ = collect_features(model, DataLoader(dm.test_set, 256), dm.modalities, None, "probe")
+    return {m: probe_accuracy(train_x[m], train_y, test_x[m], test_y) for m in dm.modalities}
 
 
 @dataclass

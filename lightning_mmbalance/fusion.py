@@ -24,9 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_mmbalance.utilities.checks import check_choice, check_int
+
 __all__ = ["ConcatFusion", "FusionOutput", "SumFusion", "ZeroMaskFusion"]
 
-_BIAS_MODES = ("split", "whole")
+BIAS_MODES = ("split", "whole")
 
 
 class FusionOutput(NamedTuple):
@@ -47,14 +49,8 @@ def _check_in_features(in_features: Mapping[str, int]) -> dict[str, int]:
     for modality, width in in_features.items():
         if not isinstance(modality, str):
             raise ValueError(f"Modality names in `in_features` must be strings, got {modality!r}.")
-        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-            raise ValueError(f"`in_features[{modality!r}]` must be an int >= 1, got {width!r}.")
+        check_int(f"in_features[{modality!r}]", width, 1)
     return dict(in_features)
-
-
-def _check_num_classes(num_classes: int) -> None:
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"`num_classes` must be an int >= 1, got {num_classes!r}.")
 
 
 def _check_keys(features: Mapping[str, Tensor], modalities: Sequence[str], head: str) -> None:
@@ -83,7 +79,7 @@ class _LinearFusion(nn.Module):
     def __init__(self, in_features: Mapping[str, int], num_classes: int) -> None:
         super().__init__()
         self.in_features = _check_in_features(in_features)
-        _check_num_classes(num_classes)
+        check_int("num_classes", num_classes, 1)
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -121,8 +117,7 @@ class ConcatFusion(_LinearFusion):
 
     def __init__(self, in_features: Mapping[str, int], num_classes: int, bias: str = "split") -> None:
         super().__init__(in_features, num_classes)
-        if bias not in _BIAS_MODES:
-            raise ValueError(f"`bias` must be one of {_BIAS_MODES}, got {bias!r}.")
+        check_choice("bias", bias, BIAS_MODES)
         self.bias_mode = bias
         self.fc = nn.Linear(sum(self.in_features.values()), num_classes)
 

@@ -1,25 +1,16 @@
 """Test-session configuration."""
 
-import inspect
-
 import pytest
 import torch
 
 
-def _forks_processes(item: pytest.Item) -> bool:
-    try:
-        return "ddp_fork" in inspect.getsource(item.function)
-    except (AttributeError, OSError, TypeError):
-        return False
-
-
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Run the 2-process CPU DDP tests (``ddp_fork``) first.
+    """Run the tests marked ``ddp`` (2-process CPU runs launched with ``ddp_fork``) first.
 
     A process cannot be forked once it has initialised CUDA, which any test may do on a machine with a GPU (Lightning
     saves the CUDA RNG state into checkpoints, for one). The order of the other tests is kept.
     """
-    items.sort(key=lambda item: not _forks_processes(item))
+    items.sort(key=lambda item: item.get_closest_marker("ddp") is None)
 
 
 @pytest.fixture(autouse=True)

@@ -1,24 +1,22 @@
 from types import SimpleNamespace
 
-import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from tiny import SaveParams, ShareCallback, TinyData, TinyModel, assert_states_close, load_ranks, trainer_kwargs
 
-from lightning_mmbalance import BalancingCallback
-
-
-def _fit(callbacks, model=None, data=None, **kw):
-    trainer = pl.Trainer(**trainer_kwargs(callbacks=callbacks, **kw))
-    model = model or TinyModel()
-    trainer.fit(model, datamodule=data or TinyData())
-    return trainer, model
-
-
-def _params(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+from lightning_mmbalance import BalancingCallback, MultimodalCallback
+from lightning_mmbalance.callbacks.base import StepStatistics
+from tests.helpers.tiny import (
+    SaveParams,
+    ShareCallback,
+    TinyData,
+    TinyModel,
+    assert_states_close,
+    load_ranks,
+)
+from tests.helpers.tiny import fit as _fit
+from tests.helpers.tiny import params_of as _params
 
 
 def test_statistics_and_gradients_applied():
@@ -74,21 +72,37 @@ def test_adaptive_optimizer_warns_in_gradient_mode():
         _fit([ShareCallback("gradient")], model=TinyModel(optimizer="adam"), max_steps=1)
 
 
-def test_non_finite_gradients_skip_the_step():
-    cb = ShareCallback()
+def test_step_statistics_are_named_summed_and_counted():
+    """Named statistics of any shape come back summed over the step's micro-batches, with the sample count."""
+    seen = []
 
-    class Overflow(TinyModel):
-        def on_after_backward(self):
-            if self.global_step == 0:
-                self.encoders["a"][0].weight.grad[0, 0] = float("inf")
-                self.head.weight.grad.zero_()
+    class Shapes(MultimodalCallback):
+        method = "shapes"
 
-        def on_before_optimizer_step(self, optimizer):
-            if self.global_step == 0:  # what the GradScaler would do: skip the step
-                optimizer.zero_grad()
+        def step_statistics(self, record):
+            y = record.output.targets.double()
+            return {"total": y.sum(), "per_class": torch.stack([(y == c).sum() for c in range(3)]).double()}
 
-    _fit([cb], model=Overflow(), max_steps=2)
-    assert len(cb.seen) == 1  # step 0 skipped, step 1 modulated
+        def on_step(self, trainer, pl_module, stats):
+            seen.append(stats)
+
+    _fit([Shapes()], data=TinyData(batch_size=4), accumulate_grad_batches=2, max_steps=2)
+    first = next(iter(TinyData(batch_size=8).train_dataloader()))[1].double()
+    assert isinstance(seen[0], StepStatistics) and seen[0].count == 8.0
+    assert seen[0]["total"] == [float(first.sum())]
+    assert seen[0]["per_class"] == [float((first == c).sum()) for c in range(3)]
+    assert seen[0].mean("total") == [float(first.mean())]
+
+
+def test_statistics_without_count_when_a_method_declares_none():
+    seen = []
+
+    class Nothing(MultimodalCallback):
+        def on_step(self, trainer, pl_module, stats):
+            seen.append(stats)
+
+    _fit([Nothing()], max_steps=1)
+    assert seen == [StepStatistics({}, 0.0)]
 
 
 def test_two_loss_weight_setters_is_an_error():
@@ -132,7 +146,7 @@ def test_init_validation():
 def test_state_version_checked():
     cb = ShareCallback()
     cb.load_state_dict(cb.state_dict())
-    with pytest.raises(ValueError, match="unsupported checkpoint state version 7"):
+    with pytest.raises(ValueError, match=r"unsupported checkpoint state version 7 \(expected 1 to 1\)"):
         cb.load_state_dict({"version": 7})
 
 
@@ -145,13 +159,6 @@ def test_missing_unimodal_logits_error():
 
     with pytest.raises(ValueError, match=r"ShareCallback needs per-modality logits.*lacks \['a', 'b'\]"):
         _fit([ShareCallback()], model=NoUni())
-
-
-def test_generator_is_reproducible():
-    cb = ShareCallback()
-    a = torch.randn(3, generator=cb._generator(torch.device("cpu"), 5))
-    b = torch.randn(3, generator=cb._generator(torch.device("cpu"), 5))
-    torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_tensorboard_event_round_trip(tmp_path):
@@ -170,6 +177,7 @@ def test_tensorboard_event_round_trip(tmp_path):
     assert len(events) == 4 and events[-1].value == pytest.approx(2 * a / (a + b), rel=1e-6)
 
 
+@pytest.mark.ddp
 def test_ddp_ranks_identical_and_equal_to_one_process(tmp_path):
     """2 ranks x B equals 1 process x 2B, and the ranks end identical."""
     _fit(
@@ -186,8 +194,9 @@ def test_ddp_ranks_identical_and_equal_to_one_process(tmp_path):
 
 
 def test_base_is_abstract_enough_to_subclass():
-    assert issubclass(ShareCallback, BalancingCallback)
+    assert issubclass(ShareCallback, BalancingCallback) and issubclass(BalancingCallback, MultimodalCallback)
     assert ShareCallback().tag("factor", "a") == "mmbalance/share/factor/a"
+    assert ShareCallback().tag("gap") == "mmbalance/share/gap"
 
 
 def test_step_values_follow_the_trainer_logging_cadence(tmp_path):

@@ -7,7 +7,7 @@ from lightning_mmbalance import OGMGE
 from lightning_mmbalance.cli import MMBalanceCLI, main
 from lightning_mmbalance.data import MultimodalDataModule, SyntheticDataModule
 from lightning_mmbalance.experiment import (
-    IMPLEMENTED,
+    DATASETS,
     METHODS,
     RunResult,
     format_table,
@@ -63,13 +63,19 @@ def test_compare_rejects_unknown_method():
 
 def test_usage(capsys):
     assert main([]) == 0
-    assert "compare" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert all(command in out for command in ("compare", "fit", "validate", "test", "predict"))
     assert main(["bogus"]) == 2
     assert "usage: mmbalance" in capsys.readouterr().err
 
 
-def test_every_method_is_implemented():
-    assert IMPLEMENTED == METHODS
+def test_every_method_and_dataset_has_a_factory():
+    for dataset in DATASETS:
+        assert isinstance(make_datamodule(dataset), MultimodalDataModule)
+    with pytest.raises(ValueError, match=r"Unknown dataset 'mnist'; available: \('cg-digits'"):
+        make_datamodule("mnist")
+    with pytest.raises(ValueError, match=r"Unknown method 'x'; available: \('baseline'"):
+        method_callbacks("x", 3)
     for method in METHODS:
         callbacks = method_callbacks(method, max_epochs=10)
         assert (method == "baseline") == (callbacks == [])

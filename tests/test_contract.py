@@ -1,11 +1,11 @@
 import lightning.pytorch as pl
 import pytest
 import torch
-from tiny import ShareCallback, TinyData, TinyModel, trainer_kwargs
 from torch import nn
 
 from lightning_mmbalance import MultimodalOutput, multimodal_loss
 from lightning_mmbalance.contract import resolve_encoders, validate_output
+from tests.helpers.tiny import ShareCallback, TinyData, TinyModel, trainer_kwargs
 
 
 def _output(b=4, c=3, keys=("a", "b"), targets=None):
@@ -109,38 +109,3 @@ def test_missing_encoders_attribute_in_setup():
         trainer.fit(model, datamodule=TinyData())
     trainer = pl.Trainer(**trainer_kwargs(callbacks=[ShareCallback(encoders={"a": "nets.a", "b": "nets.b"})]))
     trainer.fit(model, datamodule=TinyData())
-
-
-def test_loss_weights_reach_the_loss():
-    """A callback's weights give w_f L_f + sum w_m L_m; the record holds each loss."""
-    records = []
-
-    class Spy(ShareCallback):
-        def _receive_record(self, record):
-            records.append(record)
-            super()._receive_record(record)
-
-    trainer = pl.Trainer(**trainer_kwargs(callbacks=[Spy(weights=True)], max_steps=1))
-    trainer.fit(TinyModel(), datamodule=TinyData())
-    rec = records[0]
-    expected = rec.fused_loss + 0.5 * rec.unimodal_losses["a"] + 0.5 * rec.unimodal_losses["b"]
-    torch.testing.assert_close(rec.loss, expected)
-    assert rec.weights == {"fused": 1.0, "a": 0.5, "b": 0.5}
-    torch.testing.assert_close(
-        rec.unimodal_losses["a"], nn.functional.cross_entropy(rec.output.unimodal_logits["a"], rec.output.targets)
-    )
-
-
-def test_without_balancing_callback_loss_is_fused():
-    losses = []
-
-    class Model(TinyModel):
-        def training_step(self, batch, batch_idx):
-            out = self(batch)
-            loss = multimodal_loss(self, out)
-            losses.append((loss, nn.functional.cross_entropy(out.logits, out.targets)))
-            return loss
-
-    pl.Trainer(**trainer_kwargs(max_steps=2)).fit(Model(), datamodule=TinyData())
-    for got, want in losses:
-        torch.testing.assert_close(got, want)

@@ -147,24 +147,28 @@ def test_cg_determinism(cg: CGDigitsDataModule) -> None:
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "match"),
+    ("kwargs", "error", "match"),
     [
-        ({"color_correlation": -0.1}, r"`color_correlation` must be in \[0, 1\], got -0.1"),
-        ({"color_correlation": 1.5}, r"`color_correlation` must be in \[0, 1\], got 1.5"),
-        ({"val_fraction": 0.0}, r"`val_fraction` must be in \(0, 1\), got 0.0"),
-        ({"test_fraction": 1.0}, r"`test_fraction` must be in \(0, 1\), got 1.0"),
-        ({"val_fraction": 0.5, "test_fraction": 0.5}, r"`val_fraction \+ test_fraction` must be < 1, got 0.5 \+ 0.5"),
-        ({"val_fraction": 0.001}, r"Every split needs at least 10 of the 1797 samples"),
-        ({"val_fraction": 0.5, "test_fraction": 0.499}, r"Every split needs at least 10.*'train': 2"),
-        ({"batch_size": 0}, r"`batch_size` must be an int >= 1, got 0"),
-        ({"batch_size": 8.0}, r"`batch_size` must be an int >= 1, got 8.0"),
-        ({"num_workers": -1}, r"`num_workers` must be an int >= 0, got -1"),
-        ({"seed": -3}, r"`seed` must be an int >= 0, got -3"),
-        ({"seed": True}, r"`seed` must be an int >= 0, got True"),
+        ({"color_correlation": -0.1}, ValueError, r"`color_correlation` must be a finite float in \[0, 1\], got -0.1"),
+        ({"color_correlation": 1.5}, ValueError, r"`color_correlation` must be a finite float in \[0, 1\], got 1.5"),
+        ({"val_fraction": 0.0}, ValueError, r"`val_fraction` must be a finite float in \(0, 1\), got 0.0"),
+        ({"test_fraction": 1.0}, ValueError, r"`test_fraction` must be a finite float in \(0, 1\), got 1.0"),
+        (
+            {"val_fraction": 0.5, "test_fraction": 0.5},
+            ValueError,
+            r"`val_fraction \+ test_fraction` must be < 1, got 0.5 \+ 0.5",
+        ),
+        ({"val_fraction": 0.001}, ValueError, r"Every split needs at least 10 of the 1797 samples"),
+        ({"val_fraction": 0.5, "test_fraction": 0.499}, ValueError, r"Every split needs at least 10.*'train': 2"),
+        ({"batch_size": 0}, ValueError, r"`batch_size` must be an int >= 1, got 0"),
+        ({"batch_size": 8.0}, TypeError, r"`batch_size` must be an int >= 1, got 8.0"),
+        ({"num_workers": -1}, ValueError, r"`num_workers` must be an int >= 0, got -1"),
+        ({"seed": -3}, ValueError, r"`seed` must be an int >= 0, got -3"),
+        ({"seed": True}, TypeError, r"`seed` must be an int >= 0, got True"),
     ],
 )
-def test_cg_errors(kwargs: dict, match: str) -> None:
-    with pytest.raises(ValueError, match=match):
+def test_cg_errors(kwargs: dict, error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
         CGDigitsDataModule(**kwargs)
 
 
@@ -231,25 +235,29 @@ def test_synthetic_determinism(syn: SyntheticDataModule) -> None:
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "match"),
+    ("kwargs", "error", "match"),
     [
-        ({"num_modalities": 1}, r"`num_modalities` must be an int >= 2, got 1"),
-        ({"signal": [3.0, 2.0, 1.0]}, r"`signal` must list 2 non-negative strengths.*got \[3.0, 2.0, 1.0\]"),
-        ({"num_modalities": 3, "signal": [3.0, 1.0]}, r"`signal` must list 3 non-negative strengths"),
-        ({"signal": [3.0, -1.0]}, r"`signal` must list 2 non-negative strengths.*got \[3.0, -1.0\]"),
-        ({"dim": 0}, r"`dim` must be an int >= 1, got 0"),
-        ({"num_classes": 1}, r"`num_classes` must be an int >= 2, got 1"),
-        ({"n_train": 0}, r"`n_train` must be an int >= 1, got 0"),
-        ({"n_val": 0}, r"`n_val` must be an int >= 1, got 0"),
-        ({"n_test": -5}, r"`n_test` must be an int >= 1, got -5"),
-        ({"noise": 0.0}, r"`noise` must be > 0, got 0.0"),
-        ({"batch_size": -1}, r"`batch_size` must be an int >= 1, got -1"),
-        ({"num_workers": 1.5}, r"`num_workers` must be an int >= 0, got 1.5"),
-        ({"seed": -1}, r"`seed` must be an int >= 0, got -1"),
+        ({"num_modalities": 1}, ValueError, r"`num_modalities` must be an int >= 2, got 1"),
+        (
+            {"signal": [3.0, 2.0, 1.0]},
+            ValueError,
+            r"`signal` must list 2 non-negative strengths.*got \[3.0, 2.0, 1.0\]",
+        ),
+        ({"num_modalities": 3, "signal": [3.0, 1.0]}, ValueError, r"`signal` must list 3 non-negative strengths"),
+        ({"signal": [3.0, -1.0]}, ValueError, r"`signal` must list 2 non-negative strengths.*got \[3.0, -1.0\]"),
+        ({"dim": 0}, ValueError, r"`dim` must be an int >= 1, got 0"),
+        ({"num_classes": 1}, ValueError, r"`num_classes` must be an int >= 2, got 1"),
+        ({"n_train": 0}, ValueError, r"`n_train` must be an int >= 1, got 0"),
+        ({"n_val": 0}, ValueError, r"`n_val` must be an int >= 1, got 0"),
+        ({"n_test": -5}, ValueError, r"`n_test` must be an int >= 1, got -5"),
+        ({"noise": 0.0}, ValueError, r"`noise` must be a finite float > 0, got 0.0"),
+        ({"batch_size": -1}, ValueError, r"`batch_size` must be an int >= 1, got -1"),
+        ({"num_workers": 1.5}, TypeError, r"`num_workers` must be an int >= 0, got 1.5"),
+        ({"seed": -1}, ValueError, r"`seed` must be an int >= 0, got -1"),
     ],
 )
-def test_synthetic_errors(kwargs: dict, match: str) -> None:
-    with pytest.raises(ValueError, match=match):
+def test_synthetic_errors(kwargs: dict, error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
         SyntheticDataModule(**kwargs)
 
 

@@ -161,27 +161,31 @@ def test_hyperparameters_saved() -> None:
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "match"),
+    ("kwargs", "error", "match"),
     [
-        ({"input_shapes": {}}, "`input_shapes` must be a non-empty mapping modality -> input shape, got {}"),
-        ({"input_shapes": {"a": [4], "s": [2, 3]}}, r"modality 's' must be \[D\] .* got \[2, 3\]"),
-        ({"input_shapes": {"a": [0]}}, r"modality 'a' must be \[D\] .* got \[0\]"),
-        ({"input_shapes": {"a": 4}}, r"modality 'a' must be \[D\] .* got 4"),
-        ({"num_classes": 1}, "`num_classes` must be an int >= 2, got 1"),
-        ({"feature_dim": 0}, "`feature_dim` must be an int >= 1, got 0"),
-        ({"hidden_dim": 2.0}, "`hidden_dim` must be an int >= 1, got 2.0"),
-        ({"fusion": "film"}, r"`fusion` must be one of \('concat', 'sum'\), got 'film'"),
-        ({"bias": "none"}, r"`bias` must be one of \('split', 'whole'\), got 'none'"),
-        ({"optimizer": "lbfgs"}, r"`optimizer` must be one of \('sgd', 'adam', 'adamw'\), got 'lbfgs'"),
-        ({"lr": 0.0}, "`lr` must be a finite float > 0, got 0.0"),
-        ({"momentum": 1.0}, r"`momentum` must be a finite float in \[0, 1\), got 1.0"),
-        ({"momentum": -0.1}, "`momentum` must be a finite float >= 0, got -0.1"),
-        ({"weight_decay": float("nan")}, "`weight_decay` must be a finite float >= 0, got nan"),
+        (
+            {"input_shapes": {}},
+            ValueError,
+            "`input_shapes` must be a non-empty mapping modality -> input shape, got {}",
+        ),
+        ({"input_shapes": {"a": [4], "s": [2, 3]}}, ValueError, r"modality 's' must be \[D\] .* got \[2, 3\]"),
+        ({"input_shapes": {"a": [0]}}, ValueError, r"modality 'a' must be \[D\] .* got \[0\]"),
+        ({"input_shapes": {"a": 4}}, ValueError, r"modality 'a' must be \[D\] .* got 4"),
+        ({"num_classes": 1}, ValueError, "`num_classes` must be an int >= 2, got 1"),
+        ({"feature_dim": 0}, ValueError, "`feature_dim` must be an int >= 1, got 0"),
+        ({"hidden_dim": 2.0}, TypeError, "`hidden_dim` must be an int >= 1, got 2.0"),
+        ({"fusion": "film"}, ValueError, r"`fusion` must be one of \('concat', 'sum'\), got 'film'"),
+        ({"bias": "none"}, ValueError, r"`bias` must be one of \('split', 'whole'\), got 'none'"),
+        ({"optimizer": "lbfgs"}, ValueError, r"`optimizer` must be one of \('sgd', 'adam', 'adamw'\), got 'lbfgs'"),
+        ({"lr": 0.0}, ValueError, "`lr` must be a finite float > 0, got 0.0"),
+        ({"momentum": 1.0}, ValueError, r"`momentum` must be a finite float in \[0, 1\), got 1.0"),
+        ({"momentum": -0.1}, ValueError, r"`momentum` must be a finite float in \[0, 1\), got -0.1"),
+        ({"weight_decay": float("nan")}, ValueError, "`weight_decay` must be a finite float >= 0, got nan"),
     ],
 )
-def test_argument_errors(kwargs: dict, match: str) -> None:
+def test_argument_errors(kwargs: dict, error: type[Exception], match: str) -> None:
     args = {"input_shapes": SHAPES, "num_classes": CLASSES, **kwargs}
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(error, match=match):
         LateFusionClassifier(**args)
 
 

@@ -8,13 +8,13 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from sklearn.cluster import KMeans
 from sklearn.preprocessing import MinMaxScaler
-from tiny import SaveParams, TinyData, TinyModel, assert_states_close, load_ranks, trainer_kwargs
 from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_mmbalance import DiagnosingRelearning
 from lightning_mmbalance.functional import clustering_purity, relearning_alpha
-from lightning_mmbalance.functional.relearning import _relearn_
+from lightning_mmbalance.functional.relearning import _relearning_interpolate_
+from tests.helpers.tiny import SaveParams, TinyData, TinyModel, assert_states_close, load_ranks, trainer_kwargs
 
 CENTRES = [(0, 0), (10, 0), (0, 10)]
 
@@ -37,7 +37,7 @@ def test_r1_purity_and_alpha(dtype):
 
 def test_r2_interpolation():
     theta, theta0 = torch.tensor([0.5, 0.5], dtype=torch.float64), torch.tensor([1.0, -2.0], dtype=torch.float64)
-    _relearn_([theta], [theta0], 0.165140)
+    _relearning_interpolate_([theta], [theta0], 0.165140)
     torch.testing.assert_close(theta, torch.tensor([0.582570, 0.087150], dtype=torch.float64), atol=1e-6, rtol=0)
 
 
@@ -198,6 +198,7 @@ def test_r4_schedule(max_epochs, expected):
 
 
 # ---------------------------------------------------------------------------------------------- R6 invariants
+@pytest.mark.ddp
 def test_ddp_identical_and_equal_to_one_process(tmp_path):
     class SaveAlpha(Callback):
         def __init__(self, cb):
@@ -227,6 +228,7 @@ def test_ddp_identical_and_equal_to_one_process(tmp_path):
             assert alphas[0][m][q] == pytest.approx(single._last[m][q], abs=1e-12)
 
 
+@pytest.mark.ddp
 def test_gather_restores_dataset_order(tmp_path):
     """Features gathered from 2 ranks (odd count, rank 1 shorter) come back in dataset order."""
     seen = {}
@@ -310,24 +312,6 @@ def test_missing_validation_loader_and_features():
         pl.Trainer(**trainer_kwargs(callbacks=[DiagnosingRelearning()], limit_val_batches=1.0)).fit(
             NoFeatures(), datamodule=TinyData()
         )
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "error", "match"),
-    [
-        ({"strength": -1}, ValueError, "`strength` must be a finite float >= 0, got -1"),
-        ({"every_n_epochs": 0}, ValueError, "`every_n_epochs` must be an int >= 1, got 0"),
-        ({"max_reinits": 0}, ValueError, "`max_reinits` must be an int >= 1, got 0"),
-        ({"n_clusters": 1}, ValueError, "`n_clusters` must be an int >= 2, got 1"),
-        ({"max_samples": 0}, ValueError, "`max_samples` must be an int >= 1, got 0"),
-        ({"reset_optimizer_state": 1}, TypeError, "`reset_optimizer_state` must be a bool, got 1"),
-        ({"seed": -1}, ValueError, "`seed` must be an int >= 0, got -1"),
-        ({"forward_fn": "f"}, TypeError, "`forward_fn` must be callable"),
-    ],
-)
-def test_argument_validation(kwargs, error, match):
-    with pytest.raises(error, match=match):
-        DiagnosingRelearning(**kwargs)
 
 
 class _Stream(torch.utils.data.IterableDataset):

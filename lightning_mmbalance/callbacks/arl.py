@@ -1,8 +1,6 @@
-"""ARL callback: asymmetric representation learning by inverse-variance reinforcement of the encoders.
+"""The ARL callback: reinforce each encoder toward its inverse-variance share, plus unimodal losses.
 
-S. Wei, C. Luo, Y. Luo, "Improving Multimodal Learning via Imbalanced Learning", ICCV 2025 (arXiv 2507.10203);
-official code shicaiwei123/ICCV2025-ARL. This is not the AAAI 2025 paper "Asymmetric Reinforcing against
-Multi-modal Representation Bias", a different method sometimes also called ARL.
+The math is in :mod:`lightning_mmbalance.functional.arl`; this module wires it into Lightning's optimizer step.
 """
 
 from __future__ import annotations
@@ -14,9 +12,10 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from lightning_mmbalance.callbacks.base import BalancingCallback, check_bool, check_float, check_int
+from lightning_mmbalance.callbacks.base import BalancingCallback, StepStatistics
 from lightning_mmbalance.contract import StepRecord
-from lightning_mmbalance.functional.arl import _batch_sums, _coefficients_from_sums
+from lightning_mmbalance.functional.arl import _arl_compute, _arl_update
+from lightning_mmbalance.utilities.checks import check_bool, check_float, check_int
 
 __all__ = ["ARL"]
 
@@ -35,7 +34,9 @@ class ARL(BalancingCallback):
     AVE ``gamma=5, temperature=4``; all with ``warmup_epochs=6`` and global gradient clipping at 40
     (``Trainer(gradient_clip_val=40)``).
 
-    Paper: Wei, Luo & Luo, "Improving Multimodal Learning via Imbalanced Learning", ICCV 2025.
+    Paper: Wei, Luo & Luo, "Improving Multimodal Learning via Imbalanced Learning", ICCV 2025 (arXiv 2507.10203);
+    official code shicaiwei123/ICCV2025-ARL. Not the AAAI 2025 "Asymmetric Reinforcing against Multi-modal
+    Representation Bias", a different method sometimes also called ARL.
 
     Args:
         gamma: weight of the unimodal losses after warm-up, float >= 0.
@@ -48,6 +49,10 @@ class ARL(BalancingCallback):
         modulate: ``"gradient"`` (faithful) or ``"update"`` (scale the encoder updates, for Adam-type optimizers).
         encoders: modality -> dotted attribute path; None uses ``pl_module.encoders``.
 
+    Raises:
+        ValueError: an argument outside the range above.
+        TypeError: an argument of the wrong type.
+
     Example::
 
         from lightning.pytorch import Trainer
@@ -59,6 +64,7 @@ class ARL(BalancingCallback):
 
     method = "arl"
     sets_loss_weights = True
+    gradient_action = "scale"
 
     def __init__(
         self,
@@ -74,8 +80,7 @@ class ARL(BalancingCallback):
         check_float("gamma", gamma, 0)
         check_float("temperature", temperature, 0)
         check_int("warmup_epochs", warmup_epochs, 0)
-        if isinstance(entropy_floor, bool) or not isinstance(entropy_floor, int | float) or not 0 <= entropy_floor < 1:
-            raise ValueError(f"`entropy_floor` must be a float in [0, 1), got {entropy_floor!r}.")
+        check_float("entropy_floor", entropy_floor, 0, 1, max_open=True)
         check_bool("lagged", lagged)
         self.gamma = float(gamma)
         self.temperature = float(temperature)
@@ -97,18 +102,14 @@ class ARL(BalancingCallback):
         gamma = 1.0 if self._in_warmup(trainer) else self.gamma
         return {"fused": 1.0, **dict.fromkeys(self.modalities, gamma)}
 
-    def _micro_batch_statistics(self, record: StepRecord) -> Tensor:
-        logits = [record.output.unimodal_logits[m] for m in self.modalities]
-        count = torch.tensor([float(record.output.targets.shape[0])], dtype=torch.float64, device=record.loss.device)
-        return torch.cat([_batch_sums(logits), count])
+    def step_statistics(self, record: StepRecord) -> dict[str, Tensor]:
+        """Each modality's summed L1 norm of the unimodal logits and summed prediction entropy."""
+        return _arl_update([record.output.unimodal_logits[m] for m in self.modalities])
 
-    def _modulate(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer, stats: Tensor | None
-    ) -> None:
-        assert stats is not None
-        values = stats.tolist()
+    def on_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stats: StepStatistics) -> None:
+        """Compute the step's coefficients and scale each encoder's gradient (or update) by ``1 + a_m``."""
         n = len(self.modalities)
-        state = _coefficients_from_sums(values[:n], values[n : 2 * n], values[-1], self.temperature, self.entropy_floor)
+        state = _arl_compute(stats["abs_logit"], stats["entropy"], stats.count, self.temperature, self.entropy_floor)
         current = dict(zip(self.modalities, state.coefficient, strict=True))
         applied = dict.fromkeys(self.modalities, 0.0)
         if not self._in_warmup(trainer):
@@ -117,8 +118,8 @@ class ARL(BalancingCallback):
                 self._stored = current
             else:
                 applied = current
-            self._scale_encoders(trainer, applied)
-        self._log_values(
+            self._scale_encoders(applied)
+        self.log_values(
             pl_module,
             {
                 "contribution": dict(zip(self.modalities, state.contribution, strict=True)),
@@ -128,18 +129,20 @@ class ARL(BalancingCallback):
             },
         )
 
-    def _scale_encoders(self, trainer: pl.Trainer, coefficients: Mapping[str, float]) -> None:
+    def _scale_encoders(self, coefficients: Mapping[str, float]) -> None:
         for m in self.modalities:
-            params = [p for p in self.encoder_parameters(m) if p.grad is not None]
             factor = 1.0 + coefficients[m]
             if self.modulate == "update":
-                self._scale_update_after_step(trainer, params, [factor] * len(params))
-            elif params:
-                torch._foreach_mul_([p.grad for p in params], factor)
+                params = [p for p in self.encoder_parameters(m) if p.grad is not None]
+                self.scale_update_after_step(params, [factor] * len(params))
+            else:
+                grads = self.encoder_gradients(m)
+                if grads:
+                    torch._foreach_mul_(grads, factor)
 
     def state_dict(self) -> dict[str, Any]:
         """The stored (lagged) coefficients; None before the first post-warm-up step."""
-        return {"version": 1, "stored_coefficients": None if self._stored is None else dict(self._stored)}
+        return {**super().state_dict(), "stored_coefficients": None if self._stored is None else dict(self._stored)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the stored coefficients."""

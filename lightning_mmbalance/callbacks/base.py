@@ -1,42 +1,37 @@
-"""``BalancingCallback``: the plumbing every balancing method shares.
+"""The two base classes of the package's callbacks.
 
-Subclasses implement the method; this class gives them, following the package's design rules:
+:class:`MultimodalCallback` is what every callback of the package shares: the encoders of the user's module, the
+per-micro-batch record that :func:`~lightning_mmbalance.multimodal_loss` hands over, named per-step statistics
+(summed over the micro-batches of an optimizer step, reduced across ranks in one collective), skipping the steps a
+GradScaler skips, and logging under ``mmbalance/<method>/<quantity>/<modality>``. The monitor is one.
 
-- encoder resolution and the model / strategy checks in ``setup``;
-- loss-weight negotiation with :func:`~lightning_mmbalance.multimodal_loss` (two callbacks that both set loss weights
-  is a configuration error);
-- the per-micro-batch record, with a clear error when the module never calls ``multimodal_loss``;
-- per-step statistics summed over the micro-batches of one optimizer step and reduced across ranks in one call;
-- non-finite-gradient skipping (AMP overflow steps);
-- a noise generator seeded identically on every rank;
-- ``modulate="update"``: scaling an encoder's parameter update after the optimizer step, and the warning for
-  adaptive optimizers in gradient mode;
-- logging under ``mmbalance/<method>/<quantity>/<modality>``.
+:class:`BalancingCallback` adds what a balancing method needs: loss weights for ``multimodal_loss``, scaling the
+parameter update instead of the gradient (``modulate="update"``, for Adam-type optimizers), and the rules for
+combining several methods on one Trainer (refused in ``setup`` when the result would depend on callback order).
+
+A sixth method is a subclass of :class:`BalancingCallback`; ``docs/extending.md`` walks through one.
 """
 
 from __future__ import annotations
 
-import copy
 import math
-import random
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, IterableDataset, Sampler
+from torch.utils.hooks import RemovableHandle
 
 from lightning_mmbalance.contract import MultimodalOutput, StepRecord, resolve_encoders
+from lightning_mmbalance.utilities.checks import check_choice
+from lightning_mmbalance.utilities.compile import allow_retained_graphs, release_retained_graphs
 
-ForwardFn = Callable[[pl.LightningModule, Any], MultimodalOutput]
-
-__all__ = ["ADAPTIVE_OPTIMIZERS", "MODULATE_MODES", "BalancingCallback"]
+__all__ = ["ADAPTIVE_OPTIMIZERS", "MODULATE_MODES", "BalancingCallback", "MultimodalCallback", "StepStatistics"]
 
 ADAPTIVE_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (
     torch.optim.Adam,
@@ -49,46 +44,75 @@ ADAPTIVE_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (
     torch.optim.RMSprop,
     torch.optim.SparseAdam,
 )
+"""Optimizers that normalise gradient magnitudes, so that scaling a gradient by a constant has little effect."""
+
 MODULATE_MODES = ("gradient", "update")
+GRADIENT_ACTIONS = ("scale", "replace")
 
 
-class BalancingCallback(Callback):
-    """Base class of the balancing callbacks.
+@dataclass(frozen=True)
+class StepStatistics:
+    """A method's named per-step statistics: summed over the micro-batches of one optimizer step and over all ranks.
 
-    A subclass sets the class attributes below and overrides the hooks it needs:
+    Attributes:
+        sums: name -> the summed values, flattened, as Python floats.
+        count: the number of samples they were summed over (0 when the method declares no statistics).
 
-    - :meth:`_micro_batch_statistics`: a 1-D float64 tensor of per-micro-batch sums; the base class adds them up over
-      the micro-batches of an optimizer step and sums them across ranks with one ``strategy.reduce`` call.
-    - :meth:`_modulate`: called once per optimizer step, in ``on_before_optimizer_step``, with those reduced
-      statistics, when the encoder gradients are finite. It edits gradients in place (it already runs under
-      ``torch.no_grad()``) or calls :meth:`_scale_update_after_step`.
-    - :meth:`loss_weights`: the weights ``multimodal_loss`` uses, if the method sets them.
+    Example::
+
+        stats["score"]          # [S_audio, S_visual], sums over the step's samples
+        stats.mean("entropy")   # the same divided by stats.count
+    """
+
+    sums: dict[str, list[float]]
+    count: float
+
+    def __getitem__(self, name: str) -> list[float]:
+        return self.sums[name]
+
+    def mean(self, name: str) -> list[float]:
+        """The values of ``name`` divided by the sample count."""
+        return [v / max(self.count, 1.0) for v in self.sums[name]]
+
+
+class MultimodalCallback(Callback):
+    """What every callback of the package shares; a subclass overrides the extension points it needs.
+
+    Extension points (all optional):
+
+    - :meth:`step_statistics`: named per-micro-batch sums (tensors of any shape); the base class adds them up over the
+      micro-batches of an optimizer step, adds the sample count, reduces everything across ranks in one collective
+      and passes a :class:`StepStatistics` to :meth:`on_step`.
+    - :meth:`on_step`: once per optimizer step, in ``on_before_optimizer_step`` (gradients accumulated, synchronised
+      across ranks, unscaled by AMP, not yet clipped), under ``torch.no_grad()``. Not called on a step that a
+      GradScaler skips (non-finite gradients); :meth:`discard_step` is called instead.
+    - :meth:`take_record` in an overridden ``on_before_backward``: the micro-batch's :class:`StepRecord`.
 
     Args:
         encoders: modality -> dotted attribute path of its encoder. None uses ``pl_module.encoders``
             (an ``nn.ModuleDict``).
-        modulate: ``"gradient"`` or ``"update"`` for methods that scale, None for methods that do not.
 
     Example::
 
-        class HalveFirstEncoder(BalancingCallback):
-            method = "halve"
+        class GradNormPrinter(MultimodalCallback):
+            method = "gradnorm"
 
-            def _modulate(self, trainer, pl_module, optimizer, stats):
-                for p in self.encoder_parameters(self.modalities[0]):
-                    p.grad.mul_(0.5)
+            def on_step(self, trainer, pl_module, stats):
+                norms = {m: float(torch.stack([g.norm() for g in self.encoder_gradients(m)]).norm())
+                         for m in self.modalities}
+                self.log_values(pl_module, {"norm": norms})
     """
 
-    method: ClassVar[str] = "balancing"
-    """Name used in the log tags ``mmbalance/<method>/...`` and in messages."""
-    sets_loss_weights: ClassVar[bool] = False
+    method: ClassVar[str] = "multimodal"
+    """Name used in the log tags ``mmbalance/<method>/...``."""
     requires_unimodal_logits: ClassVar[bool] = True
     requires_features: ClassVar[bool] = False
     requires_encoder_parameters: ClassVar[bool] = True
-    supports_fsdp: ClassVar[bool] = False
     supports_manual_optimization: ClassVar[bool] = False
+    state_version: ClassVar[int] = 1
+    """Version of :meth:`state_dict`; checkpoints of any version from 1 to this one load."""
 
-    def __init__(self, encoders: Mapping[str, str] | None = None, modulate: str | None = None) -> None:
+    def __init__(self, encoders: Mapping[str, str] | None = None) -> None:
         if encoders is not None:
             if not isinstance(encoders, Mapping) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in encoders.items()
@@ -99,18 +123,15 @@ class BalancingCallback(Callback):
                 )
             if len(encoders) < 2:
                 raise ValueError(f"`encoders` must name at least 2 modalities, got {dict(encoders)!r}.")
-        if modulate is not None and modulate not in MODULATE_MODES:
-            raise ValueError(f"`modulate` must be one of {MODULATE_MODES}, got {modulate!r}.")
         self._encoder_paths = dict(encoders) if encoders is not None else None
-        self.modulate = modulate
         self._encoders: dict[str, nn.Module] = {}
         self._params: dict[str, list[nn.Parameter]] = {}
         self._record: StepRecord | None = None
-        self._stats: Tensor | None = None
-        self._pending_update: tuple[int, list[nn.Parameter], list[Tensor], list[float]] | None = None
-        self._generators: dict[torch.device, torch.Generator] = {}
+        self._sums: dict[str, Tensor] = {}
+        self._count = 0.0
+        self._output_checked = False
 
-    # ------------------------------------------------------------------ public read-only views
+    # ------------------------------------------------------------------ read-only views
     @property
     def name(self) -> str:
         """The class name, used in messages."""
@@ -121,13 +142,32 @@ class BalancingCallback(Callback):
         """The modality names in encoder order (empty before ``setup``)."""
         return tuple(self._encoders)
 
+    @property
+    def encoders(self) -> Mapping[str, nn.Module]:
+        """Modality -> the resolved encoder module (empty before ``setup``)."""
+        return dict(self._encoders)
+
+    @property
+    def needs_retained_graph(self) -> bool:
+        """Whether the callback takes a second gradient of the step's forward (``autograd.grad`` with a kept graph)."""
+        return False
+
+    @property
+    def output_checked(self) -> bool:
+        """Whether :meth:`check_output` has accepted an output in this fit."""
+        return self._output_checked
+
     def encoder_parameters(self, modality: str) -> list[nn.Parameter]:
         """The parameters of ``modality``'s encoder that the optimizer trains (available from ``on_train_start``)."""
         return self._params[modality]
 
-    # ------------------------------------------------------------------ setup-time checks
+    def encoder_gradients(self, modality: str) -> list[Tensor]:
+        """The current ``.grad`` of ``modality``'s optimised encoder parameters (those that have one)."""
+        return [p.grad for p in self._params[modality] if p.grad is not None]
+
+    # ------------------------------------------------------------------ setup
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Check the strategy and the module, and resolve the encoders."""
+        """Check the strategy and the optimisation mode, and resolve the encoders."""
         if stage != "fit":
             return
         self._check_strategy(trainer)
@@ -142,14 +182,13 @@ class BalancingCallback(Callback):
             )
         except (AttributeError, TypeError, ValueError) as err:
             raise type(err)(f"{self.name}: {err}") from err
-        if self.sets_loss_weights:
-            setters = [
-                cb.name for cb in trainer.callbacks if isinstance(cb, BalancingCallback) and cb.sets_loss_weights
-            ]
-            if len(setters) > 1:
-                raise MisconfigurationException(
-                    f"Callbacks {setters} all set the loss weights of `multimodal_loss`; use at most one of them."
-                )
+        self._output_checked = False
+        if self.needs_retained_graph:
+            allow_retained_graphs(self)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Give back the process-wide compile setting taken in ``setup``."""
+        release_retained_graphs(self)
 
     def _check_strategy(self, trainer: pl.Trainer) -> None:
         from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
@@ -160,14 +199,18 @@ class BalancingCallback(Callback):
                 f"{self.name} does not support DeepSpeed: DeepSpeed partitions and owns the gradients. Use "
                 "`strategy='ddp'` (or 'ddp_spawn' / 'ddp_fork') instead."
             )
-        if isinstance(strategy, FSDPStrategy | ModelParallelStrategy) and not self.supports_fsdp:
+        if isinstance(strategy, FSDPStrategy | ModelParallelStrategy):
             raise MisconfigurationException(
                 f"{self.name} does not support {type(strategy).__name__}: it needs whole (unsharded) encoder "
                 "gradients. Use `strategy='ddp'` instead."
             )
 
-    def _check_output(self, output: MultimodalOutput) -> None:
-        """Check that the module's output carries what this method needs (called once per fit)."""
+    def check_output(self, output: MultimodalOutput) -> None:
+        """Check that the module's output carries what this callback needs (``multimodal_loss`` calls it once).
+
+        Raises:
+            ValueError: the unimodal logits or the features this callback needs are missing.
+        """
         missing = [m for m in self.modalities if m not in output.unimodal_logits]
         if self.requires_unimodal_logits and missing:
             raise ValueError(
@@ -181,33 +224,27 @@ class BalancingCallback(Callback):
                 f"{self.name} needs the encoder features, but `MultimodalOutput.features` lacks {missing}. "
                 "Return them as `features={modality: (B, D) tensor}`."
             )
+        self._output_checked = True
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Collect each encoder's optimised parameters and warn about adaptive optimizers in gradient mode."""
+        """Collect each encoder's optimised parameters."""
         optimised = {id(p) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
         self._params = {
             m: [p for p in enc.parameters() if p.requires_grad and id(p) in optimised]
             for m, enc in self._encoders.items()
         }
-        if self.modulate == "gradient":
-            adaptive = [type(opt).__name__ for opt in trainer.optimizers if isinstance(opt, ADAPTIVE_OPTIMIZERS)]
-            if adaptive:
-                rank_zero_warn(
-                    f"{self.name} scales gradients, but {adaptive[0]} normalises gradient magnitudes, which largely "
-                    f"undoes the scaling. Pass `modulate='update'` to {self.name} to scale the parameter updates "
-                    "instead.",
-                    category=UserWarning,
-                )
 
-    # ------------------------------------------------------------------ the step record and loss weights
-    def _receive_record(self, record: StepRecord) -> None:
+    # ------------------------------------------------------------------ the micro-batch record
+    def receive_record(self, record: StepRecord) -> None:
+        """Keep the record of the current micro-batch (called by ``multimodal_loss``)."""
         self._record = record
 
-    def loss_weights(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float] | None:
-        """The loss weights this method asks ``multimodal_loss`` for: ``{"fused": w_f, modality: w_m}``, or None."""
-        return None
+    def take_record(self, pl_module: pl.LightningModule) -> StepRecord:
+        """The current micro-batch's record, which is then forgotten.
 
-    def _pop_record(self, pl_module: pl.LightningModule) -> StepRecord:
+        Raises:
+            RuntimeError: the module's ``training_step`` did not return ``multimodal_loss(...)``.
+        """
         record, self._record = self._record, None
         if record is None:
             raise RuntimeError(
@@ -218,96 +255,51 @@ class BalancingCallback(Callback):
             )
         return record
 
-    # ------------------------------------------------------------------ per micro-batch
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
-        """Accumulate this micro-batch's statistics over the optimizer step."""
-        record = self._pop_record(pl_module)
-        with torch.no_grad():
-            stats = self._micro_batch_statistics(record)
-        if stats is not None:
-            self._stats = stats if self._stats is None else self._stats + stats
+        """Add this micro-batch's statistics to the step's sums."""
+        self._accumulate(self.take_record(pl_module))
 
-    def _micro_batch_statistics(self, record: StepRecord) -> Tensor | None:
-        """Per-micro-batch sums (1-D float64) to add up over the step and across ranks; None if the method has none."""
+    def _accumulate(self, record: StepRecord) -> None:
+        with torch.no_grad():
+            values = self.step_statistics(record)
+        if values is None:
+            return
+        for key, value in values.items():
+            value = value.detach().to(torch.float64)
+            self._sums[key] = value if key not in self._sums else self._sums[key] + value
+        self._count += float(record.output.targets.shape[0])
+
+    def step_statistics(self, record: StepRecord) -> Mapping[str, Tensor] | None:
+        """Named sums over the samples of one micro-batch (tensors of any shape), or None if there are none."""
         return None
 
-    # ------------------------------------------------------------------ per optimizer step
+    # ------------------------------------------------------------------ the optimizer step
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        """Reduce the step's statistics across ranks and let the method modulate, unless gradients are non-finite."""
-        stats, self._stats = self._stats, None
-        if not _gradients_finite(optimizer):
-            self._discard_step()
+        """Reduce the step's statistics across ranks and call :meth:`on_step`, unless the GradScaler skips the step."""
+        sums, count = self._sums, self._count
+        self._sums, self._count = {}, 0.0
+        if not _step_is_finite(trainer, optimizer):
+            self.discard_step()
             return
-        if stats is not None:
-            stats = trainer.strategy.reduce(stats, reduce_op="sum")
+        stats = _reduce(trainer, sums, count)
         with torch.no_grad():
-            self._modulate(trainer, pl_module, optimizer, stats)
+            self.on_step(trainer, pl_module, stats)
 
-    def _modulate(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer, stats: Tensor | None
-    ) -> None:
-        """Change this step's gradients (or schedule an update scaling); ``stats`` are summed over the step."""
+    def on_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stats: StepStatistics) -> None:
+        """Once per optimizer step with finite gradients, with the step's reduced statistics."""
 
-    def _discard_step(self) -> None:
-        """Forget what was accumulated for a step that is skipped (non-finite gradients)."""
-
-    def encoder_gradients(self, modality: str) -> list[Tensor]:
-        """The current ``.grad`` of ``modality``'s optimised encoder parameters (those that have one)."""
-        return [p.grad for p in self._params[modality] if p.grad is not None]
-
-    # ------------------------------------------------------------------ modulate="update"
-    def _scale_update_after_step(
-        self, trainer: pl.Trainer, params: Sequence[nn.Parameter], factors: Sequence[float]
-    ) -> None:
-        """Schedule ``theta <- theta_before + factor * (theta_after - theta_before)`` for the coming optimizer step.
-
-        Call it from :meth:`_modulate`; it keeps a copy of ``params`` as they are now, and after the optimizer step
-        (in ``on_train_batch_end``) rescales their update, momentum and weight decay included.
-        """
-        keep = [(p, float(f)) for p, f in zip(params, factors, strict=True) if float(f) != 1.0]
-        if not keep:
-            return
-        if self._pending_update is None or self._pending_update[0] != trainer.global_step:
-            self._pending_update = (trainer.global_step, [], [], [])
-        _, kept, before, kept_factors = self._pending_update
-        kept.extend(p for p, _ in keep)
-        before.extend(p.detach().clone() for p, _ in keep)
-        kept_factors.extend(f for _, f in keep)
-
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        """Apply a scheduled update scaling once the optimizer step has happened."""
-        if self._pending_update is None:
-            return
-        step, params, before, factors = self._pending_update
-        if trainer.global_step == step:  # the step has not run yet (it is still accumulating)
-            return
-        self._pending_update = None
-        with torch.no_grad():
-            # theta <- after + (1 - f) * (before - after) == before + f * (after - before)
-            after = [p.detach() for p in params]
-            torch._foreach_sub_(before, after)
-            torch._foreach_mul_(before, [1.0 - f for f in factors])
-            torch._foreach_add_(after, before)
-
-    # ------------------------------------------------------------------ randomness
-    def _generator(self, device: torch.device, seed: int) -> torch.Generator:
-        """A generator on ``device`` seeded with ``seed``: the same stream on every rank given the same seed."""
-        gen = self._generators.get(device)
-        if gen is None:
-            gen = self._generators[device] = torch.Generator(device=device)
-        return gen.manual_seed(seed)
+    def discard_step(self) -> None:
+        """Forget what was accumulated for a step that the GradScaler skips (non-finite gradients)."""
 
     # ------------------------------------------------------------------ logging
-    def tag(self, quantity: str, modality: str) -> str:
-        """The log tag ``mmbalance/<method>/<quantity>/<modality>``."""
-        return f"mmbalance/{self.method}/{quantity}/{modality}"
+    def tag(self, quantity: str, modality: str | None = None) -> str:
+        """The log tag ``mmbalance/<method>/<quantity>/<modality>`` (without the modality for a global quantity)."""
+        return f"mmbalance/{self.method}/{quantity}" + (f"/{modality}" if modality is not None else "")
 
     @staticmethod
-    def _logs_this_step(trainer: pl.Trainer, every_n_steps: int = 1) -> bool:
+    def logs_this_step(trainer: pl.Trainer, every_n_steps: int = 1) -> bool:
         """Whether this optimizer step is one of every ``every_n_steps`` steps whose logs the Trainer writes.
 
         Lightning writes step-level logs every ``log_every_n_steps`` steps only, so this is every
@@ -319,21 +311,26 @@ class BalancingCallback(Callback):
         every = trainer.log_every_n_steps
         return every > 0 and (trainer.global_step + 1) % math.lcm(every_n_steps, every) == 0
 
-    def _log_values(
+    def log_values(
         self,
         pl_module: pl.LightningModule,
-        values: Mapping[str, Mapping[str, float | Tensor]],
+        values: Mapping[str, Mapping[str, float | Tensor] | float],
         on_step: bool = True,
         cadence_checked: bool = False,
     ) -> None:
-        """Log ``{quantity: {modality: value}}``; the values must already be identical on every rank.
+        """Log ``{quantity: {modality: value}}`` (or ``{quantity: value}``); values must be identical on every rank.
 
         Step-level values are logged at the Trainer's ``log_every_n_steps`` cadence only (``cadence_checked``: the
         caller already decided, earlier in the step).
         """
-        if on_step and not cadence_checked and not self._logs_this_step(pl_module.trainer):
+        if on_step and not cadence_checked and not self.logs_this_step(pl_module.trainer):
             return
-        metrics = {self.tag(q, m): v for q, per_m in values.items() for m, v in per_m.items()}
+        metrics: dict[str, float | Tensor] = {}
+        for quantity, per_modality in values.items():
+            if isinstance(per_modality, Mapping):
+                metrics.update({self.tag(quantity, m): v for m, v in per_modality.items()})
+            else:
+                metrics[self.tag(quantity)] = per_modality
         # The values are identical on every rank. Step-level ones skip the sync; epoch-level ones (a few per epoch)
         # take it, which leaves them unchanged and avoids Lightning's warning about unsynced epoch-level metrics.
         pl_module.log_dict(metrics, on_step=on_step, on_epoch=not on_step, sync_dist=not on_step, batch_size=1)
@@ -341,224 +338,182 @@ class BalancingCallback(Callback):
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume exactly; subclasses extend it."""
-        return {"version": 1}
+        return {"version": self.state_version}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` saved."""
+        """Check the state's version; subclasses restore their fields.
+
+        Raises:
+            ValueError: the version is not one this class can load.
+        """
         version = state_dict.get("version")
-        if version != 1:
-            raise ValueError(f"{self.name}: unsupported checkpoint state version {version!r} (expected 1).")
+        if not isinstance(version, int) or not 1 <= version <= self.state_version:
+            raise ValueError(
+                f"{self.name}: unsupported checkpoint state version {version!r} (expected 1 to {self.state_version})."
+            )
 
 
-def _gradients_finite(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether every gradient the optimizer holds is finite (False on an AMP overflow step; identical on all ranks)."""
-    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    if not grads:
-        return True
-    norms = torch._foreach_norm(grads)
-    return bool(torch.stack([n.float() for n in norms]).isfinite().all())
+class BalancingCallback(MultimodalCallback):
+    """Base class of the balancing methods: a :class:`MultimodalCallback` that changes training.
 
+    A method implements the extension points of :class:`MultimodalCallback` (its :meth:`on_step` changes the step's
+    encoder gradients in place, or calls :meth:`scale_update_after_step`) and declares what it changes, which
+    ``setup`` uses to refuse combinations whose result would depend on callback order:
 
-# ---------------------------------------------------------------------------------------- argument checks
-def check_int(name: str, value: Any, minimum: int) -> None:
-    """``ValueError`` naming ``name`` unless ``value`` is an int (not a bool) >= ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
+    - ``sets_loss_weights``: it returns weights from :meth:`loss_weights`; at most one such callback per Trainer.
+    - ``gradient_action``: ``"scale"`` if it multiplies encoder gradients by per-modality factors (any number of
+      these compose: factors multiply, in any order), ``"replace"`` if it rewrites them from other quantities (it
+      cannot share a Trainer with another callback that acts on gradients), None if it leaves gradients alone.
 
+    Args:
+        encoders: modality -> dotted attribute path of its encoder. None uses ``pl_module.encoders``.
+        modulate: ``"gradient"`` or ``"update"`` for methods that scale, None for methods that do not. In update mode
+            :meth:`scale_update_after_step` rescales the optimizer's update of the given parameters, which survives
+            Adam-type optimizers.
 
-def check_float(name: str, value: Any, minimum: float, *, strict: bool = False) -> None:
-    """``ValueError`` naming ``name`` unless ``value`` is a finite number >= ``minimum`` (> with ``strict``)."""
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < minimum or (strict and value == minimum):
-        raise ValueError(f"`{name}` must be a finite float {'>' if strict else '>='} {minimum:g}, got {value!r}.")
+    Example::
 
+        class HalveFirstEncoder(BalancingCallback):
+            method = "halve"
+            gradient_action = "scale"
 
-def check_bool(name: str, value: Any) -> None:
-    """``TypeError`` naming ``name`` unless ``value`` is a bool."""
-    if not isinstance(value, bool):
-        raise TypeError(f"`{name}` must be a bool, got {value!r}.")
-
-
-def check_forward_fn(forward_fn: Any) -> None:
-    """``TypeError`` unless ``forward_fn`` is None or callable ``(module, batch) -> MultimodalOutput``."""
-    if forward_fn is not None and not callable(forward_fn):
-        raise TypeError(f"`forward_fn` must be callable (module, batch) -> MultimodalOutput, got {forward_fn!r}.")
-
-
-# ---------------------------------------------------------------------------------------- held-out data and copies
-def train_loader(trainer: pl.Trainer, method: str) -> DataLoader:
-    """The fit's training DataLoader.
-
-    Raises:
-        MisconfigurationException: the training data is not one DataLoader (e.g. a dict of loaders).
+            def on_step(self, trainer, pl_module, stats):
+                torch._foreach_mul_(self.encoder_gradients(self.modalities[0]), 0.5)
     """
-    loader = trainer.train_dataloader
-    if not isinstance(loader, DataLoader):
-        raise MisconfigurationException(
-            f"{method} needs the training data as one DataLoader, got {type(loader).__name__}."
-        )
-    return loader
 
+    sets_loss_weights: ClassVar[bool] = False
+    gradient_action: ClassVar[str | None] = None
 
-def validation_loader(trainer: pl.Trainer, method: str) -> DataLoader:
-    """The first validation DataLoader of the fit, set up if Lightning has not built it yet.
+    def __init__(self, encoders: Mapping[str, str] | None = None, modulate: str | None = None) -> None:
+        super().__init__(encoders=encoders)
+        if modulate is not None:
+            check_choice("modulate", modulate, MODULATE_MODES)
+        self.modulate = modulate
+        self._pending: list[tuple[Tensor, Tensor, float]] = []
+        self._step_hooks: list[RemovableHandle] = []
 
-    Raises:
-        MisconfigurationException: there is none (no ``val_dataloader`` / ``validation_step``, or
-            ``limit_val_batches=0``).
-    """
-    message = (
-        f"{method} needs a held-out validation loader (val_dataloader) to measure generalisation; never pass the "
-        "test set. Give the module a `validation_step` and the Trainer a `val_dataloaders` (or the datamodule a "
-        "`val_dataloader`), with `limit_val_batches` > 0."
-    )
-    if trainer.limit_val_batches == 0:
-        raise MisconfigurationException(message)
-    val_loop = trainer.fit_loop.epoch_loop.val_loop
-    if val_loop._combined_loader is None:
-        val_loop.setup_data()
-    combined = val_loop._combined_loader
-    loaders = list(combined.flattened) if combined is not None else []
-    if not loaders or not isinstance(loaders[0], DataLoader):
-        raise MisconfigurationException(message)
-    return loaders[0]
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """The checks of :class:`MultimodalCallback`, then the composition rules."""
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit":
+            _check_composition(trainer)
 
+    def loss_weights(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float] | None:
+        """The loss weights this method asks ``multimodal_loss`` for: ``{"fused": w_f, modality: w_m}``, or None."""
+        return None
 
-class _ShardSampler(Sampler[int]):
-    """Indices ``rank, rank + world, ...`` of ``order`` (no padding, so sums over ranks count each sample once)."""
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Collect the encoder parameters; hook the optimizers (update mode) or warn about adaptive ones."""
+        super().on_train_start(trainer, pl_module)
+        self._remove_step_hooks()
+        if self.modulate == "update":
+            self._step_hooks = [opt.register_step_post_hook(self._after_optimizer_step) for opt in trainer.optimizers]
+        if self.modulate == "gradient":
+            adaptive = [type(opt).__name__ for opt in trainer.optimizers if isinstance(opt, ADAPTIVE_OPTIMIZERS)]
+            if adaptive:
+                rank_zero_warn(
+                    f"{self.name} scales gradients, but {adaptive[0]} normalises gradient magnitudes, which largely "
+                    f"undoes the scaling. Pass `modulate='update'` to {self.name} to scale the parameter updates "
+                    "instead.",
+                    category=UserWarning,
+                )
 
-    def __init__(self, order: Sequence[int], rank: int, world: int) -> None:
-        self.indices = list(order)[rank::world]
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        """Forget update scalings of a step the optimizer did not take, then do the step's work."""
+        self._pending = []
+        super().on_before_optimizer_step(trainer, pl_module, optimizer)
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices)
+    def scale_update_after_step(self, params: Sequence[nn.Parameter], factors: Sequence[float]) -> None:
+        """Schedule ``theta <- theta_before + factor * (theta_after - theta_before)`` for the coming optimizer step.
 
-    def __len__(self) -> int:
-        return len(self.indices)
+        Call it from :meth:`on_step` (update mode only). It keeps a copy of ``params`` as they are now; right after
+        the optimizer step (an optimizer step post-hook) it rescales their update, momentum and weight decay
+        included. Scalings scheduled by several callbacks multiply, in any order.
+        """
+        self._pending.extend((p, p.detach().clone(), float(f)) for p, f in zip(params, factors, strict=True) if f != 1)
 
-
-def loader_view(
-    loader: DataLoader, trainer: pl.Trainer, *, shuffle_seed: int | None = None, indices: Sequence[int] | None = None
-) -> DataLoader:
-    """A new DataLoader over ``loader.dataset`` with the same batch size, collate function and workers.
-
-    The order is sequential, or a permutation drawn from ``shuffle_seed``; ``indices`` restricts it to a subset.
-    Under DDP each rank takes every ``world_size``-th sample of that order. ``drop_last`` is off, and iterating the
-    view never touches the original loader's sampler or generator. An ``IterableDataset`` is returned as is.
-    """
-    dataset = loader.dataset
-    if isinstance(dataset, IterableDataset):
-        return loader
-    order = list(range(len(dataset))) if indices is None else list(indices)
-    if shuffle_seed is not None:
-        perm = torch.randperm(len(order), generator=torch.Generator().manual_seed(shuffle_seed)).tolist()
-        order = [order[i] for i in perm]
-    return DataLoader(
-        dataset,
-        batch_size=loader.batch_size or 1,
-        sampler=_ShardSampler(order, trainer.global_rank, trainer.world_size),
-        collate_fn=loader.collate_fn,
-        num_workers=loader.num_workers,
-        pin_memory=loader.pin_memory,
-    )
-
-
-@contextmanager
-def isolated_rng(seed: int) -> Iterator[None]:
-    """Seed torch (CPU and CUDA), numpy and ``random`` with ``seed`` inside, and restore their states on exit."""
-    torch_state = torch.get_rng_state()
-    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
-    try:
-        yield
-    finally:
-        torch.set_rng_state(torch_state)
-        if cuda_states is not None:
-            torch.cuda.set_rng_state_all(cuda_states)
-        np.random.set_state(np_state)
-        random.setstate(py_state)
-
-
-@contextmanager
-def eval_mode(module: nn.Module) -> Iterator[None]:
-    """``module.eval()`` and ``torch.no_grad()`` inside; every submodule's ``training`` flag restored on exit."""
-    flags = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
+    def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
         with torch.no_grad():
-            yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
+            # theta <- after + (1 - f) * (before - after) == before + f * (after - before)
+            after = [p.detach() for p, _, _ in pending]
+            before = [b for _, b, _ in pending]
+            torch._foreach_sub_(before, after)
+            torch._foreach_mul_(before, [1.0 - f for _, _, f in pending])
+            torch._foreach_add_(after, before)
+
+    def _remove_step_hooks(self) -> None:
+        for handle in self._step_hooks:
+            handle.remove()
+        self._step_hooks = []
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Remove the optimizer hooks and give back the compile setting."""
+        self._remove_step_hooks()
+        self._pending = []
+        super().teardown(trainer, pl_module, stage)
 
 
-def detached_copy(pl_module: pl.LightningModule) -> pl.LightningModule:
-    """A deep copy of the module without its trainer reference (for training estimation copies)."""
-    trainer = pl_module._trainer
-    pl_module._trainer = None
-    try:
-        return copy.deepcopy(pl_module)
-    finally:
-        pl_module._trainer = trainer
+def _check_composition(trainer: pl.Trainer) -> None:
+    """Refuse balancing callbacks whose combination is undefined or would depend on their order."""
+    methods = [cb for cb in trainer.callbacks if isinstance(cb, BalancingCallback)]  # type: ignore[attr-defined]
+    names = [cb.name for cb in methods]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise MisconfigurationException(
+            f"The Trainer has more than one {twice[0]} callback. A method's second instance would act on the same "
+            "encoders again; use one."
+        )
+    setters = [cb.name for cb in methods if cb.sets_loss_weights]
+    if len(setters) > 1:
+        raise MisconfigurationException(
+            f"Callbacks {setters} all set the loss weights of `multimodal_loss`; use at most one of them."
+        )
+    actors = [cb for cb in methods if cb.gradient_action is not None]
+    replacing = [cb.name for cb in actors if cb.gradient_action == "replace"]
+    if replacing and len(actors) > 1:
+        others = [cb.name for cb in actors if cb.name != replacing[0]]
+        raise MisconfigurationException(
+            f"{replacing[0]} replaces each encoder's gradient, and {others} also change encoder gradients: the result "
+            f"would depend on the callbacks' order. Use {replacing[0]} alone, or a gradient scaler such as OGMGE "
+            "together with a loss-weighting method other than it (see the composition table in the README)."
+        )
 
 
-def run_forward(forward_fn: ForwardFn | None, module: pl.LightningModule, batch: Any) -> MultimodalOutput:
-    """``forward_fn(module, batch)``, or ``module(batch)``."""
-    return forward_fn(module, batch) if forward_fn is not None else module(batch)
+def _step_is_finite(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> bool:
+    """False on a step that the precision plugin's GradScaler will skip; True without a GradScaler.
 
-
-def extract_features(
-    trainer: pl.Trainer,
-    module: pl.LightningModule,
-    view: DataLoader,
-    modalities: Sequence[str],
-    forward_fn: ForwardFn | None,
-    method: str,
-) -> tuple[dict[str, Tensor], Tensor, int]:
-    """Encoder features (``MultimodalOutput.features``), labels and class count over a view, in dataset order.
-
-    Eval mode, no grad, the trainer's precision context; half precision is upcast to float32. Under DDP every rank
-    passes its shard of ``view`` (see :func:`loader_view`) and the shards are all-gathered back into the view's order,
-    so every rank returns the same CPU tensors.
-
-    Raises:
-        ValueError: a modality's features are missing or not ``(B, D)``.
+    The scaler has already unscaled the gradients and recorded whether it found an inf or NaN (identical on every
+    rank, after DDP's all-reduce); that finding is read instead of another pass over the gradients.
     """
-    feats: dict[str, list[Tensor]] = {m: [] for m in modalities}
-    labels: list[Tensor] = []
-    classes = 0
-    with eval_mode(module), trainer.precision_plugin.forward_context():
-        for batch in view:
-            output = run_forward(forward_fn, module, trainer.strategy.batch_to_device(batch))
-            classes = output.logits.shape[1]
-            for m in modalities:
-                f = output.features.get(m)
-                if f is None or f.ndim != 2:
-                    shape = None if f is None else tuple(f.shape)
-                    raise ValueError(
-                        f"{method} needs `MultimodalOutput.features[{m!r}]` as a (B, D) tensor, got {shape}."
-                    )
-                feats[m].append(f.detach() if f.dtype == torch.float64 else f.detach().float())
-            labels.append(output.targets.detach())
-    local = {m: torch.cat(v) for m, v in feats.items()}
-    local_y = torch.cat(labels)
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is None:
+        return True
+    state = getattr(scaler, "_per_optimizer_states", {}).get(id(optimizer), {})
+    found = state.get("found_inf_per_device") if isinstance(state, dict) else None
+    if found:
+        return not any(bool(v.item()) for v in found.values())
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    return not grads or bool(torch.stack([n.float() for n in torch._foreach_norm(grads)]).isfinite().all())
+
+
+def _reduce(trainer: pl.Trainer, sums: Mapping[str, Tensor], count: float) -> StepStatistics:
+    """Sum every named statistic and the count across ranks in one collective; one device-to-host copy."""
+    if not sums:
+        return StepStatistics({}, 0.0)
+    flat = [v.reshape(-1) for v in sums.values()]
+    device = flat[0].device
+    stacked = torch.cat([*flat, torch.tensor([count], dtype=torch.float64, device=device)])
     if trainer.world_size > 1:
-        local = {m: _gather_in_order(trainer, f) for m, f in local.items()}
-        local_y = _gather_in_order(trainer, local_y)
-    return {m: v.cpu() for m, v in local.items()}, local_y.cpu(), classes
-
-
-def _gather_in_order(trainer: pl.Trainer, local: Tensor) -> Tensor:
-    """All-gather per-rank shards (rank r holds positions r, r + W, ...) and restore the global order."""
-    world = trainer.world_size
-    counts = trainer.strategy.all_gather(torch.tensor([local.shape[0]], device=local.device)).flatten().tolist()
-    longest = max(counts)
-    padded = torch.zeros((longest, *local.shape[1:]), dtype=local.dtype, device=local.device)
-    padded[: local.shape[0]] = local
-    stacked = trainer.strategy.all_gather(padded)  # (world, longest, ...)
-    interleaved = stacked.transpose(0, 1).reshape(world * longest, *local.shape[1:])
-    return interleaved[[k * world + r for k in range(longest) for r in range(world) if k < counts[r]]]
+        stacked = trainer.strategy.reduce(stacked, reduce_op="sum")
+    values = stacked.tolist()
+    out: dict[str, list[float]] = {}
+    offset = 0
+    for key, v in zip(sums, flat, strict=True):
+        out[key] = values[offset : offset + v.numel()]
+        offset += v.numel()
+    return StepStatistics(out, values[-1])

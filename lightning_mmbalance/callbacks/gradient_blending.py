@@ -1,8 +1,8 @@
-"""Gradient Blending callback: loss weights from each head's overfitting-to-generalisation ratio.
+"""The Gradient Blending callback: loss weights from each head's overfitting-to-generalisation ratio.
 
-W. Wang, D. Tran, M. Feiszli, "What Makes Training Multi-modal Classification Networks Hard?", CVPR 2020
-(arXiv 1905.12681). The official repository (facebookresearch/VMZ) released no weight-estimation code; this
-implements the paper's Algorithms 1-3 (see ``spec/gradient_blending.md``).
+The math is in :mod:`lightning_mmbalance.functional.gradient_blending`; this module schedules the estimation rounds,
+measures the losses on held-out data (with :mod:`lightning_mmbalance.callbacks.heldout`) and hands the weights to
+``multimodal_loss``.
 """
 
 from __future__ import annotations
@@ -18,26 +18,27 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from lightning_mmbalance.callbacks.base import (
-    BalancingCallback,
-    ForwardFn,
-    check_forward_fn,
-    check_int,
+from lightning_mmbalance.callbacks.base import BalancingCallback
+from lightning_mmbalance.callbacks.heldout import (
     detached_copy,
     eval_mode,
     isolated_rng,
     loader_view,
-    run_forward,
     train_loader,
     validation_loader,
 )
-from lightning_mmbalance.functional.gradient_blending import POLICIES, _blend_terms
+from lightning_mmbalance.contract import ForwardFn, MultimodalOutput, run_forward
+from lightning_mmbalance.functional.gradient_blending import POLICIES, _gblend_compute, _GBlendTerms
+from lightning_mmbalance.utilities.checks import check_callable, check_choice, check_int
 
 __all__ = ["GradientBlending"]
 
 MODES = ("online", "offline")
 ESTIMATORS = ("copies", "joint")
 _ROUND_SEED = 0x6B1E4D  # rounds are seeded with this + the epoch: independent of history, so resume is exact
+_EPS = 1e-8  # added to dO^2
+
+Losses = dict[str, float]
 
 
 class GradientBlending(BalancingCallback):
@@ -56,9 +57,14 @@ class GradientBlending(BalancingCallback):
     - ``estimator="joint"`` (an approximation, no copies): the main model's own losses between two estimation points
       are used; the first super-epoch trains with uniform weights. Nearly free.
 
-    The validation loader must be a held-out split of the training data, never the test set.
+    An estimation round runs at the start of the first training batch of a scheduled epoch, after every callback's
+    epoch-start work (so after DiagnosingRelearning's re-initialisation, whatever the callbacks' order). A weight of
+    0 keeps its loss term in the graph (multiplied by 0), so DDP sees the same parameters used at every step. The
+    validation loader must be a held-out split of the training data, never the test set.
 
-    Paper: Wang, Tran & Feiszli, "What Makes Training Multi-modal Classification Networks Hard?", CVPR 2020.
+    Paper: Wang, Tran & Feiszli, "What Makes Training Multi-modal Classification Networks Hard?", CVPR 2020
+    (arXiv 1905.12681). The official repository (facebookresearch/VMZ) released no weight-estimation code; this
+    implements the paper's Algorithms 1-3.
 
     Args:
         mode: ``"online"`` (re-estimate every ``super_epoch`` epochs, epoch 0 included) or ``"offline"`` (once,
@@ -70,6 +76,10 @@ class GradientBlending(BalancingCallback):
         max_batches: caps the batches of each copy-training epoch and of the training-side eval pass; None = all.
         encoders: modality -> dotted attribute path; None uses ``pl_module.encoders`` (only the names are used).
         forward_fn: ``(module, batch) -> MultimodalOutput`` for the estimation passes; None = ``module(batch)``.
+
+    Raises:
+        ValueError: an argument outside the range above, or ``estimator="joint"`` with ``mode="offline"``.
+        TypeError: an argument of the wrong type.
 
     Example::
 
@@ -86,6 +96,7 @@ class GradientBlending(BalancingCallback):
     sets_loss_weights = True
     requires_encoder_parameters = False
     supports_manual_optimization = True
+    state_version = 2
 
     def __init__(
         self,
@@ -99,23 +110,20 @@ class GradientBlending(BalancingCallback):
         forward_fn: ForwardFn | None = None,
     ) -> None:
         super().__init__(encoders=encoders)
-        if mode not in MODES:
-            raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}.")
+        check_choice("mode", mode, MODES)
         check_int("super_epoch", super_epoch, 1)
         if estimation_epochs is not None:
             check_int("estimation_epochs", estimation_epochs, 1)
-        if estimator not in ESTIMATORS:
-            raise ValueError(f"`estimator` must be one of {ESTIMATORS}, got {estimator!r}.")
+        check_choice("estimator", estimator, ESTIMATORS)
         if estimator == "joint" and mode == "offline":
             raise ValueError(
                 "`estimator='joint'` needs `mode='online'`: it measures the main model between two estimation "
                 "points, and nothing has trained before an offline estimate."
             )
-        if policy not in POLICIES:
-            raise ValueError(f"`policy` must be one of {POLICIES}, got {policy!r}.")
+        check_choice("policy", policy, POLICIES)
         if max_batches is not None:
             check_int("max_batches", max_batches, 1)
-        check_forward_fn(forward_fn)
+        check_callable("forward_fn", forward_fn, "(module, batch) -> MultimodalOutput")
         self.mode = mode
         self.super_epoch = super_epoch
         self.estimation_epochs = estimation_epochs if estimation_epochs is not None else super_epoch
@@ -124,11 +132,10 @@ class GradientBlending(BalancingCallback):
         self.max_batches = max_batches
         self.forward_fn = forward_fn
         self._weights: dict[str, float] | None = None
-        self._previous: dict[str, float] | None = None
         self._last: dict[str, dict[str, float]] | None = None
         self._last_round_epoch: int | None = None
-        self._offline_done = False
-        self._joint_last: dict[str, dict[str, float]] | None = None
+        self._joint_last: dict[str, Losses] | None = None
+        self._epoch_started = False
 
     # ------------------------------------------------------------------ public
     @property
@@ -162,39 +169,47 @@ class GradientBlending(BalancingCallback):
         train_loader(trainer, self.name)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Estimate the weights at a scheduled epoch."""
+        """Mark the epoch's start; a due round runs before its first batch, after every epoch-start hook."""
+        self._epoch_started = True
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        """Run a scheduled estimation round: schedule, measure, update the weights, log."""
+        started, self._epoch_started = self._epoch_started, False
         epoch = trainer.current_epoch
-        if self.mode == "offline":
-            due = not self._offline_done
-        else:
-            due = epoch % self.super_epoch == 0 and self._last_round_epoch != epoch
-        if not due:
+        if not started or not self._round_due(epoch):
             return
         start = time.perf_counter()
-        if self.estimator == "copies":
-            train_start, val_start, train_end, val_end = self._copies_round(trainer, pl_module)
-        else:
-            measured = self._joint_measure(trainer, pl_module)
-            previous, self._joint_last = self._joint_last, measured
-            if previous is None:
-                self._last_round_epoch = epoch
-                return
-            train_start, val_start = previous["train"], previous["val"]
-            train_end, val_end = measured["train"], measured["val"]
-        terms = _blend_terms(train_start, val_start, train_end, val_end, self.policy, 1e-8)
-        self._previous = self._weights
-        if not terms.all_zero:
-            self._weights = terms.weights
-        elif self._weights is None:
-            self._weights = terms.weights  # uniform
-        self._last = {"generalization": terms.generalization, "overfitting": terms.overfitting, "ogr": terms.ogr}
+        losses = self._measure_round(trainer, pl_module)
         self._last_round_epoch = epoch
-        self._offline_done = True
+        if losses is None:  # the joint estimator's first measurement: nothing to compare with yet
+            return
+        terms = _gblend_compute(*losses, self.policy, _EPS)
+        self._weights = _next_weights(self._weights, terms)
+        self._last = {"generalization": terms.generalization, "overfitting": terms.overfitting, "ogr": terms.ogr}
         rank_zero_info(
             f"GradientBlending (epoch {epoch}, {time.perf_counter() - start:.1f} s): weights "
             + ", ".join(f"{h} {w:.3f}" for h, w in self.weights.items())
         )
-        self._log_values(pl_module, {"weight": self.weights, **self._last}, on_step=False)
+        self.log_values(pl_module, {"weight": self.weights, **self._last}, on_step=False)
+
+    def _round_due(self, epoch: int) -> bool:
+        if self.mode == "offline":
+            return self._last_round_epoch is None
+        return epoch % self.super_epoch == 0 and self._last_round_epoch != epoch
+
+    def _measure_round(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule
+    ) -> tuple[Losses, Losses, Losses, Losses] | None:
+        """(train_start, val_start, train_end, val_end) mean losses per head, or None on the first joint round."""
+        if self.estimator == "copies":
+            return self._copies_round(trainer, pl_module)
+        measured = self._joint_measure(trainer, pl_module)
+        previous, self._joint_last = self._joint_last, measured
+        if previous is None:
+            return None
+        return previous["train"], previous["val"], measured["train"], measured["val"]
 
     # ------------------------------------------------------------------ estimation
     def _views(self, trainer: pl.Trainer, seed: int) -> tuple[DataLoader, DataLoader, int]:
@@ -206,7 +221,7 @@ class GradientBlending(BalancingCallback):
         budget = int(trainer.strategy.reduce(budget_t, reduce_op="min"))
         return train_view, val_view, budget
 
-    def _head_losses(self, output: Any) -> dict[str, Tensor]:
+    def _head_losses(self, output: MultimodalOutput) -> dict[str, Tensor]:
         logits = {**{m: output.unimodal_logits[m] for m in self.modalities}, "fused": output.logits}
         return {h: F.cross_entropy(_at_least_float32(z), output.targets, reduction="sum") for h, z in logits.items()}
 
@@ -228,11 +243,13 @@ class GradientBlending(BalancingCallback):
         values = sums.tolist()
         return {h: values[i] / max(values[-1], 1.0) for i, h in enumerate(self.heads)}
 
-    def _copies_round(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[dict[str, float], ...]:
+    def _copies_round(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule
+    ) -> tuple[Losses, Losses, Losses, Losses]:
         seed = _ROUND_SEED + trainer.current_epoch
         train_view, val_view, budget = self._views(trainer, seed)
-        train_end: dict[str, float] = {}
-        val_end: dict[str, float] = {}
+        train_end: Losses = {}
+        val_end: Losses = {}
         with isolated_rng(seed):
             train_start = self._mean_losses(trainer, pl_module, train_view, budget)
             val_start = self._mean_losses(trainer, pl_module, val_view, None)
@@ -288,7 +305,7 @@ class GradientBlending(BalancingCallback):
         pieces = torch.split(flat, [g.numel() for g in grads])
         torch._foreach_copy_(grads, [piece.view_as(g) for piece, g in zip(pieces, grads, strict=True)])
 
-    def _joint_measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, dict[str, float]]:
+    def _joint_measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Losses]:
         seed = _ROUND_SEED + trainer.current_epoch
         train_view, val_view, budget = self._views(trainer, seed)
         with isolated_rng(seed):
@@ -299,26 +316,32 @@ class GradientBlending(BalancingCallback):
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """Weights, the last round's terms, and the schedule, for an exact resume."""
+        """The weights, the last round's terms and the schedule, for an exact resume."""
         return {
-            "version": 1,
+            **super().state_dict(),
             "weights": self._weights,
-            "previous_weights": self._previous,
             "last": self._last,
             "last_round_epoch": self._last_round_epoch,
-            "offline_done": self._offline_done,
             "joint_last": self._joint_last,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the weights and the schedule; nothing is re-estimated before the next scheduled epoch."""
+        """Restore the weights and the schedule; nothing is re-estimated before the next scheduled epoch.
+
+        Version-1 states (which also held the previous weights and an offline flag, both redundant) load too.
+        """
         super().load_state_dict(state_dict)
         self._weights = state_dict["weights"]
-        self._previous = state_dict["previous_weights"]
         self._last = state_dict["last"]
         self._last_round_epoch = state_dict["last_round_epoch"]
-        self._offline_done = state_dict["offline_done"]
         self._joint_last = state_dict["joint_last"]
+
+
+def _next_weights(current: dict[str, float] | None, terms: _GBlendTerms) -> dict[str, float]:
+    """The new weights; when every raw weight is 0 the current ones are kept (uniform if there are none yet)."""
+    if not terms.all_zero or current is None:
+        return terms.weights
+    return current
 
 
 def _at_least_float32(t: Tensor) -> Tensor:

@@ -1,7 +1,7 @@
-"""MMPareto callback: Pareto integration of the multimodal and unimodal gradients on every encoder.
+"""The MMPareto callback: a common direction with enhanced magnitude for the fused and unimodal gradients.
 
-Y. Wei, D. Hu, "MMPareto: Boosting Multimodal Learning with Innocent Unimodal Assistance", ICML 2024
-(arXiv 2405.17730); official code GeWu-Lab/MMPareto_ICML2024.
+The math is in :mod:`lightning_mmbalance.functional.mmpareto`; this module wires it into Lightning's backward and
+optimizer step.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from lightning_mmbalance.callbacks.base import BalancingCallback, check_float
-from lightning_mmbalance.functional.mmpareto import _Products, _tensor_factors
+from lightning_mmbalance.callbacks.base import BalancingCallback, StepStatistics
+from lightning_mmbalance.functional.mmpareto import _mmpareto_tensor_factors, _MMParetoProducts
+from lightning_mmbalance.utilities.checks import check_float
 
 __all__ = ["MMPareto"]
 
@@ -31,15 +32,23 @@ class MMPareto(BalancingCallback):
     Only ``g_mm`` costs an extra autograd pass (``torch.autograd.grad`` of the fused loss, taken in
     ``on_before_backward``); ``g_u`` is the synchronised ``.grad`` minus ``g_mm``. This assumes the encoder's own
     unimodal loss is the only one reaching it, which holds for ``ConcatFusion``, ``SumFusion``, separate unimodal
-    heads and ``ZeroMaskFusion``.
+    heads and ``ZeroMaskFusion``. With ``torch.compile``, AOTAutograd's donated buffers are switched off during the
+    fit so that compiled backwards accept the kept graph (see ``docs/mmpareto.md``).
 
-    Paper: Wei & Hu, "MMPareto: Boosting Multimodal Learning with Innocent Unimodal Assistance", ICML 2024.
+    MMPareto replaces the encoder gradients, so it cannot share a Trainer with another callback that changes them
+    (OGMGE, ARL); it composes with DiagnosingRelearning and ModalityMonitor.
+
+    Paper: Wei & Hu, "MMPareto: Boosting Multimodal Learning with Innocent Unimodal Assistance", ICML 2024
+    (arXiv 2405.17730); official code GeWu-Lab/MMPareto_ICML2024.
 
     Args:
         gamma: magnitude factor, float > 0 (1.5 in the official code).
         modulate: ``"gradient"`` (faithful) writes the final gradient; ``"update"`` writes the direction ``n`` and
             scales each tensor's update after the optimizer step, for Adam-type optimizers.
         encoders: modality -> dotted attribute path; None uses ``pl_module.encoders``.
+
+    Raises:
+        ValueError: ``gamma`` is not a finite float > 0, or ``modulate`` is unknown.
 
     Example::
 
@@ -52,12 +61,13 @@ class MMPareto(BalancingCallback):
 
     method = "mmpareto"
     sets_loss_weights = True
+    gradient_action = "replace"
 
     def __init__(
         self, gamma: float = 1.5, modulate: str = "gradient", encoders: Mapping[str, str] | None = None
     ) -> None:
         super().__init__(encoders=encoders, modulate=modulate)
-        check_float("gamma", gamma, 0, strict=True)
+        check_float("gamma", gamma, 0, min_open=True)
         self.gamma = float(gamma)
         self._buf: Tensor | None = None  # (2, N): row 0 accumulates g_mm, row 1 receives g_u at the step
         self._g_mm: dict[str, list[Tensor]] = {}
@@ -65,9 +75,9 @@ class MMPareto(BalancingCallback):
         self._slices: dict[str, slice] = {}
 
     @property
-    def _flat(self) -> Tensor | None:
-        """The flat ``g_mm`` of every encoder, in modality order."""
-        return None if self._buf is None else self._buf[0]
+    def needs_retained_graph(self) -> bool:
+        """True: the fused-loss gradient is taken before Lightning's backward of the whole loss."""
+        return True
 
     @property
     def state_key(self) -> str:
@@ -101,7 +111,7 @@ class MMPareto(BalancingCallback):
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
         """Add this micro-batch's fused-loss gradient on the encoders, normalised as Lightning normalises ``loss``."""
-        record = self._pop_record(pl_module)
+        record = self.take_record(pl_module)
         params = [p for m in self.modalities for p in self.encoder_parameters(m)]
         scale = _loss_scale(trainer)
         grads = torch.autograd.grad(record.fused_loss * scale, params, retain_graph=True, allow_unused=True)
@@ -118,13 +128,13 @@ class MMPareto(BalancingCallback):
     def _all_buffers(self) -> list[Tensor]:
         return [b for m in self.modalities for b in self._g_mm[m]]
 
-    def _discard_step(self) -> None:
+    def discard_step(self) -> None:
+        """Forget the skipped step's fused-loss gradient."""
         if self._buf is not None:
             self._buf[0].zero_()
 
-    def _modulate(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer, stats: Tensor | None
-    ) -> None:
+    def on_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stats: StepStatistics) -> None:
+        """Replace each encoder's gradient by its Pareto combination (or schedule the update scaling)."""
         assert self._buf is not None
         g_mm = self._buf[0]
         if trainer.world_size > 1:
@@ -140,7 +150,7 @@ class MMPareto(BalancingCallback):
             # the buffer holds h = n / 2, or the plain sum where guarded: one fused multiply-and-write per tensor
             if self.modulate == "update":  # .grad = n; the update is scaled by the factor after the step
                 scales = [1.0 if guarded else 2.0 for _, guarded in factors]
-                self._scale_update_after_step(trainer, params, [f for f, _ in factors])
+                self.scale_update_after_step(params, [f for f, _ in factors])
             else:  # .grad = factor * n
                 scales = [f if guarded else 2 * f for f, guarded in factors]
             for p, h, scale in zip(params, ns, scales, strict=True):
@@ -150,9 +160,9 @@ class MMPareto(BalancingCallback):
             logs["conflict"][m] = float(products[m].conflict)
             logs["grad_norm_ratio"][m] = math.sqrt(final_sq / plain_sq) if plain_sq > 0 else 1.0
         g_mm.zero_()
-        self._log_values(pl_module, logs)
+        self.log_values(pl_module, logs)
 
-    def _encoder_products(self) -> dict[str, _Products]:
+    def _encoder_products(self) -> dict[str, _MMParetoProducts]:
         """Write ``g_u = .grad - g_mm`` into row 1, then [v11, v12, v22] per encoder."""
         assert self._buf is not None
         for m in self.modalities:
@@ -166,7 +176,7 @@ class MMPareto(BalancingCallback):
             g_mm, g_u = self._buf[0, self._slices[m]], self._buf[1, self._slices[m]]
             rows.append(torch.stack([g_mm @ g_mm, g_mm @ g_u, g_u @ g_u]))
         values = torch.stack(rows).tolist()  # the step's one device sync
-        return {m: _Products(*row) for m, row in zip(self.modalities, values, strict=True)}
+        return {m: _MMParetoProducts(*row) for m, row in zip(self.modalities, values, strict=True)}
 
     def _form_directions(
         self, weights: Mapping[str, tuple[float, float]]
@@ -197,7 +207,7 @@ class MMPareto(BalancingCallback):
             totals = flat_norms[offset : offset + count]
             n_norms = [2 * h for h in flat_norms[offset + count : offset + 2 * count]]
             offset += 2 * count
-            factors = _tensor_factors(totals, n_norms, self.gamma)
+            factors = _mmpareto_tensor_factors(totals, n_norms, self.gamma)
             for h, p, (_, guarded) in zip(ns, params, factors, strict=True):
                 if guarded:  # ||n|| ~ 0: fall back to gamma * (g_mm + g_u)
                     h.copy_(p.grad)

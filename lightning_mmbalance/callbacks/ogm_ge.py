@@ -1,48 +1,30 @@
-"""OGM-GE callback: on-the-fly gradient modulation with generalisation enhancement.
+"""The OGM-GE callback: damp the dominant modality's encoder gradient on the fly, plus generalisation noise.
 
-X. Peng, Y. Wei, A. Deng, D. Wang, D. Hu, "Balanced Multimodal Learning via On-the-fly Gradient Modulation",
-CVPR 2022 (arXiv 2203.15332); official code GeWu-Lab/OGM-GE_CVPR2022.
+The math is in :mod:`lightning_mmbalance.functional.ogm_ge`; this module wires it into Lightning's optimizer step.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 
-from lightning_mmbalance.callbacks.base import BalancingCallback, check_bool, check_float, check_int
+from lightning_mmbalance.callbacks.base import BalancingCallback, StepStatistics
 from lightning_mmbalance.contract import StepRecord
-from lightning_mmbalance.functional.ogm_ge import (
-    _coefficients_from_ratios,
-    _ogm_ratios,
-    _true_class_probability_sums,
-)
+from lightning_mmbalance.functional.ogm_ge import _ogm_coefficient_compute, _ogm_ratio_compute, _ogm_score_update
+from lightning_mmbalance.utilities.checks import check_bool, check_choice, check_float, check_int
 
 __all__ = ["OGMGE"]
 
 ParamFilter = str | Callable[[str, nn.Parameter], bool]
 
-
-def _is_conv_kernel(name: str, p: nn.Parameter) -> bool:
-    return p.ndim == 4
-
-
-def _is_weight(name: str, p: nn.Parameter) -> bool:
-    return p.ndim >= 2
-
-
-def _any_tensor(name: str, p: nn.Parameter) -> bool:
-    return True
-
-
 _FILTERS: dict[str, Callable[[str, nn.Parameter], bool]] = {
-    "conv": _is_conv_kernel,
-    "weights": _is_weight,
-    "all": _any_tensor,
+    "conv": lambda name, p: p.ndim == 4,
+    "weights": lambda name, p: p.ndim >= 2,
+    "all": lambda name, p: True,
 }
 
 
@@ -53,10 +35,11 @@ class OGMGE(BalancingCallback):
     give to the true class (summed over the micro-batches of the step and over DDP ranks), damps the encoder
     gradient of the dominant modality by :math:`k = 1 - \tanh(\alpha\rho)`, and, with ``noise=True``, adds Gaussian
     noise with the standard deviation of each unmodulated gradient tensor to the selected tensors of every modality.
-    The loss is left as the fused loss. See ``spec/ogm_ge.md`` for the exact rule and how it extends to more than two
+    The loss is left as the fused loss. ``docs/ogm_ge.md`` gives the exact rule and how it extends to more than two
     modalities.
 
-    Paper: Peng et al., "Balanced Multimodal Learning via On-the-fly Gradient Modulation", CVPR 2022.
+    Paper: Peng, Wei, Deng, Wang & Hu, "Balanced Multimodal Learning via On-the-fly Gradient Modulation", CVPR 2022
+    (arXiv 2203.15332); official code GeWu-Lab/OGM-GE_CVPR2022.
 
     Args:
         alpha: modulation strength, float >= 0. The official README uses 0.1; 0.8 is recommended for CREMA-D.
@@ -73,6 +56,11 @@ class OGMGE(BalancingCallback):
             identical on every rank and exact on resume.
         encoders: modality -> dotted attribute path; None uses ``pl_module.encoders``.
 
+    Raises:
+        ValueError: an argument outside the range above (in ``__init__``), or a ``param_filter`` that selects no
+            tensor of an encoder (in ``setup``).
+        TypeError: an argument of the wrong type.
+
     Example::
 
         from lightning.pytorch import Trainer
@@ -83,6 +71,7 @@ class OGMGE(BalancingCallback):
     """
 
     method = "ogm_ge"
+    gradient_action = "scale"
 
     def __init__(
         self,
@@ -98,20 +87,12 @@ class OGMGE(BalancingCallback):
         super().__init__(encoders=encoders, modulate=modulate)
         check_float("alpha", alpha, 0)
         check_int("modulation_starts", modulation_starts, 0)
-        if modulation_ends is not None and (
-            isinstance(modulation_ends, bool)
-            or not isinstance(modulation_ends, int)
-            or modulation_ends < modulation_starts
-        ):
-            raise ValueError(
-                f"`modulation_ends` must be None or an int >= modulation_starts ({modulation_starts}), "
-                f"got {modulation_ends!r}."
-            )
+        if modulation_ends is not None:
+            check_int("modulation_ends", modulation_ends, modulation_starts)
         check_bool("noise", noise)
-        if not callable(param_filter) and param_filter not in _FILTERS:
-            raise ValueError(f"`param_filter` must be one of {tuple(_FILTERS)} or a callable, got {param_filter!r}.")
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
-            raise ValueError(f"`seed` must be an int in [0, 2**31), got {seed!r}.")
+        if not callable(param_filter):
+            check_choice("param_filter", param_filter, tuple(_FILTERS))
+        check_int("seed", seed, 0, 2**31)
         self.alpha = float(alpha)
         self.modulation_starts = modulation_starts
         self.modulation_ends = modulation_ends
@@ -121,6 +102,7 @@ class OGMGE(BalancingCallback):
         self._filter = _FILTERS[param_filter] if isinstance(param_filter, str) else param_filter
         self._selected_names: dict[str, list[str]] = {}
         self._selected: dict[str, list[nn.Parameter]] = {}
+        self._generators: dict[torch.device, torch.Generator] = {}
 
     @property
     def state_key(self) -> str:
@@ -159,35 +141,25 @@ class OGMGE(BalancingCallback):
             wanted = set(self._selected_names[modality])
             self._selected[modality] = [p for n, p in encoder.named_parameters() if n in wanted and id(p) in optimised]
 
-    def _micro_batch_statistics(self, record: StepRecord) -> Tensor:
-        logits = {m: record.output.unimodal_logits[m] for m in self.modalities}
-        scores = _true_class_probability_sums(logits, record.output.targets)
-        count = torch.tensor(float(record.output.targets.shape[0]), dtype=torch.float64, device=record.loss.device)
-        return torch.stack([*(s.to(torch.float64) for s in scores.values()), count])
+    def step_statistics(self, record: StepRecord) -> dict[str, Tensor]:
+        """The summed true-class probability of each modality."""
+        logits = [record.output.unimodal_logits[m] for m in self.modalities]
+        return {"score": _ogm_score_update(logits, record.output.targets)}
 
-    def _in_window(self, epoch: int) -> bool:
-        return self.modulation_starts <= epoch and (self.modulation_ends is None or epoch <= self.modulation_ends)
-
-    def _modulate(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer, stats: Tensor | None
-    ) -> None:
-        assert stats is not None
-        *score_values, count = stats.tolist()
-        scores = dict(zip(self.modalities, score_values, strict=True))
-        ratios = _ogm_ratios(scores)
-        coefficients = _coefficients_from_ratios(ratios, self.alpha)
+    def on_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stats: StepStatistics) -> None:
+        """Damp the dominant encoder's gradient (inside the modulation window) and add the noise."""
+        scores = dict(zip(self.modalities, stats["score"], strict=True))
+        ratios = _ogm_ratio_compute(scores)
+        coefficients = _ogm_coefficient_compute(ratios, self.alpha)
         applied = dict.fromkeys(self.modalities, 1.0)
         if self._in_window(trainer.current_epoch):
             applied = coefficients
             self._apply(trainer, pl_module, coefficients)
-        self._log_values(
-            pl_module,
-            {
-                "score": {m: s / max(count, 1.0) for m, s in scores.items()},
-                "ratio": ratios,
-                "coefficient": applied,
-            },
-        )
+        score_means = dict(zip(self.modalities, stats.mean("score"), strict=True))
+        self.log_values(pl_module, {"score": score_means, "ratio": ratios, "coefficient": applied})
+
+    def _in_window(self, epoch: int) -> bool:
+        return self.modulation_starts <= epoch and (self.modulation_ends is None or epoch <= self.modulation_ends)
 
     def _apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule, coefficients: Mapping[str, float]) -> None:
         generator = self._generator(pl_module.device, self.seed * 2**32 + trainer.global_step) if self.noise else None
@@ -195,7 +167,7 @@ class OGMGE(BalancingCallback):
             params = [p for p in self._selected[modality] if p.grad is not None]
             if not params:
                 continue
-            grads = [p.grad for p in params]
+            grads = [p.grad for p in params if p.grad is not None]
             k = coefficients[modality]
             stds = [_unbiased_std(g) for g in grads] if generator is not None else None
             if self.modulate == "gradient" and k != 1.0:
@@ -205,11 +177,14 @@ class OGMGE(BalancingCallback):
                     noise = torch.randn(g.shape, generator=generator, device=g.device, dtype=g.dtype)
                     g.add_(noise.mul_(std.to(g.dtype)))
             if self.modulate == "update":
-                self._scale_update_after_step(trainer, params, [k] * len(params))
+                self.scale_update_after_step(params, [k] * len(params))
 
-    def state_dict(self) -> dict[str, Any]:
-        """Nothing persists across steps: the noise is a function of (seed, global_step)."""
-        return {"version": 1}
+    def _generator(self, device: torch.device, seed: int) -> torch.Generator:
+        """A generator on ``device`` seeded with ``seed``: the same stream on every rank given the same seed."""
+        generator = self._generators.get(device)
+        if generator is None:
+            generator = self._generators[device] = torch.Generator(device=device)
+        return generator.manual_seed(seed)
 
 
 def _unbiased_std(grad: Tensor) -> Tensor:

@@ -1,7 +1,7 @@
-"""Diagnosing & Re-learning callback: purity-gap diagnosis and soft re-initialisation of the encoders.
+"""The Diagnosing & Re-learning callback: purity-gap diagnosis and soft re-initialisation of the encoders.
 
-Y. Wei, S. Li, R. Feng, D. Hu, "Diagnosing and Re-learning for Balanced Multimodal Learning", ECCV 2024
-(arXiv 2407.09705); official code GeWu-Lab/Diagnosing_Relearning_ECCV2024.
+The math is in :mod:`lightning_mmbalance.functional.relearning`; this module schedules the diagnoses, extracts the
+features (with :mod:`lightning_mmbalance.callbacks.heldout`) and moves the encoders.
 """
 
 from __future__ import annotations
@@ -14,23 +14,20 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from lightning_mmbalance.callbacks.base import (
-    BalancingCallback,
-    ForwardFn,
-    check_bool,
-    check_float,
-    check_forward_fn,
-    check_int,
+from lightning_mmbalance.callbacks.base import BalancingCallback
+from lightning_mmbalance.callbacks.heldout import (
     extract_features,
     isolated_rng,
     loader_view,
     train_loader,
     validation_loader,
 )
-from lightning_mmbalance.functional.relearning import _relearn_, clustering_purity, relearning_alpha
+from lightning_mmbalance.contract import ForwardFn
+from lightning_mmbalance.functional.relearning import _relearning_interpolate_, clustering_purity, relearning_alpha
+from lightning_mmbalance.utilities.checks import check_bool, check_callable, check_float, check_int
 
 __all__ = ["DiagnosingRelearning"]
 
@@ -42,15 +39,20 @@ class DiagnosingRelearning(BalancingCallback):
     every encoder's features (``MultimodalOutput.features``, eval mode, no grad) on the training data and on the
     held-out validation loader, clusters each (modality, split) with k-means (k = number of classes), and measures
     the purity. Each encoder is then moved toward its weights at the start of training,
-    :math:`\theta \leftarrow \alpha\theta_0 + (1-\alpha)\theta` with :math:`\alpha = \tanh(\lambda |P_{train} -
-    P_{val}|)`. Buffers, heads and the optimizer state are untouched (unless ``reset_optimizer_state``).
+    :math:`\theta \leftarrow \alpha\theta_0 + (1-\alpha)\theta` with
+    :math:`\alpha = \tanh(\lambda |P_{train} - P_{val}|)`. Only trained parameters move: frozen parts, buffers,
+    heads and the optimizer state are untouched (unless ``reset_optimizer_state``).
 
     It runs at the start of epoch ``e + 1``, so after epoch ``e``'s validation and checkpoint: a run resumed from that
     checkpoint repeats the diagnosis exactly. The initial weights are kept in the callback's state (checkpoints grow by
     one copy of the encoder weights). The validation loader must be a held-out split, never the test set; for the
     training features a non-augmenting view of the training set is recommended.
 
-    Paper: Wei, Li, Feng & Hu, "Diagnosing and Re-learning for Balanced Multimodal Learning", ECCV 2024.
+    It composes with every other callback: its work happens between epochs, before Gradient Blending's estimation
+    round of the same epoch.
+
+    Paper: Wei, Li, Feng & Hu, "Diagnosing and Re-learning for Balanced Multimodal Learning", ECCV 2024
+    (arXiv 2407.09705); official code GeWu-Lab/Diagnosing_Relearning_ECCV2024.
 
     Args:
         strength: ``lambda``, float >= 0 (3 in the official scripts).
@@ -62,6 +64,10 @@ class DiagnosingRelearning(BalancingCallback):
         seed: the k-means ``random_state`` and the subset's seed, int >= 0.
         encoders: modality -> dotted attribute path; None uses ``pl_module.encoders``.
         forward_fn: ``(module, batch) -> MultimodalOutput`` for the feature passes; None = ``module(batch)``.
+
+    Raises:
+        ValueError: an argument outside the range above.
+        TypeError: an argument of the wrong type.
 
     Example::
 
@@ -99,7 +105,7 @@ class DiagnosingRelearning(BalancingCallback):
             check_int("max_samples", max_samples, 1)
         check_bool("reset_optimizer_state", reset_optimizer_state)
         check_int("seed", seed, 0)
-        check_forward_fn(forward_fn)
+        check_callable("forward_fn", forward_fn, "(module, batch) -> MultimodalOutput")
         self.strength = float(strength)
         self.every_n_epochs = every_n_epochs
         self.max_reinits = max_reinits
@@ -126,9 +132,7 @@ class DiagnosingRelearning(BalancingCallback):
         super().on_train_start(trainer, pl_module)
         validation_loader(trainer, self.name)
         if self._theta0 is None:
-            self._theta0 = {
-                m: {n: p.detach().cpu().clone() for n, p in enc.named_parameters()} for m, enc in self._encoders.items()
-            }
+            self._theta0 = {m: {n: p.detach().cpu().clone() for n, p in self._trained(m)} for m in self.modalities}
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Diagnose and re-initialise after a scheduled epoch."""
@@ -154,7 +158,7 @@ class DiagnosingRelearning(BalancingCallback):
             + ", ".join(f"{m} alpha {v['alpha']:.3f}" for m, v in self._last.items())
         )
         quantities = ("train_purity", "val_purity", "gap", "alpha")
-        self._log_values(pl_module, {q: {m: v[q] for m, v in self._last.items()} for q in quantities}, on_step=False)
+        self.log_values(pl_module, {q: {m: v[q] for m, v in self._last.items()} for q in quantities}, on_step=False)
 
     # ------------------------------------------------------------------ diagnosis
     def _diagnose(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, tuple[float, float]]:
@@ -196,12 +200,17 @@ class DiagnosingRelearning(BalancingCallback):
         view = loader_view(loader, trainer, indices=indices)
         return extract_features(trainer, pl_module, view, self.modalities, self.forward_fn, self.name)
 
+    def _trained(self, modality: str) -> list[tuple[str, nn.Parameter]]:
+        """The encoder's (name, parameter) pairs that the optimizer trains; frozen parts are never moved."""
+        trained = {id(p) for p in self.encoder_parameters(modality)}
+        return [(n, p) for n, p in self._encoders[modality].named_parameters() if id(p) in trained]
+
     def _relearn(self, trainer: pl.Trainer, modality: str, alpha: float) -> None:
         assert self._theta0 is not None
-        named = dict(self._encoders[modality].named_parameters())
+        named = dict(self._trained(modality))
         initial = self._theta0[modality]
         params = [named[n] for n in initial]
-        _relearn_(params, [initial[n] for n in initial], alpha)
+        _relearning_interpolate_(params, [initial[n] for n in initial], alpha)
         if self.reset_optimizer_state:
             for optimizer in trainer.optimizers:
                 for p in params:
@@ -211,7 +220,7 @@ class DiagnosingRelearning(BalancingCallback):
     def state_dict(self) -> dict[str, Any]:
         """The initial weights, the re-init count, the last diagnosed epoch and its measurements."""
         return {
-            "version": 1,
+            **super().state_dict(),
             "theta0": self._theta0,
             "n_reinits": self._n_reinits,
             "last_diagnosed_epoch": self._last_diagnosed,

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_mmbalance.callbacks.base import check_int
+from lightning_mmbalance.utilities.checks import check_int
 
 __all__ = ["MultimodalDataModule", "MultimodalTensorDataset"]
 

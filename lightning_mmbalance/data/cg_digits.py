@@ -8,6 +8,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 from lightning_mmbalance.data.base import MultimodalDataModule, MultimodalTensorDataset
+from lightning_mmbalance.utilities.checks import check_float
 
 __all__ = ["NUM_DIGITS", "PALETTE", "CGDigitsDataModule"]
 
@@ -84,11 +85,9 @@ class CGDigitsDataModule(MultimodalDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
-        if not 0 <= color_correlation <= 1:
-            raise ValueError(f"`color_correlation` must be in [0, 1], got {color_correlation!r}.")
+        check_float("color_correlation", color_correlation, 0, 1)
         for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-            if not 0 < value < 1:
-                raise ValueError(f"`{name}` must be in (0, 1), got {value!r}.")
+            check_float(name, value, 0, 1, min_open=True, max_open=True)
         if val_fraction + test_fraction >= 1:
             raise ValueError(f"`val_fraction + test_fraction` must be < 1, got {val_fraction} + {test_fraction}.")
         n_val, n_test = round(val_fraction * NUM_DIGITS), round(test_fraction * NUM_DIGITS)

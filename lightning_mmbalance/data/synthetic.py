@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from lightning_mmbalance.callbacks.base import check_int
 from lightning_mmbalance.data.base import MultimodalDataModule, MultimodalTensorDataset
+from lightning_mmbalance.utilities.checks import check_float, check_int
 
 __all__ = ["SyntheticDataModule"]
 
@@ -71,8 +71,7 @@ class SyntheticDataModule(MultimodalDataModule):
             raise ValueError(
                 f"`signal` must list {num_modalities} non-negative strengths (one per modality), got {signal!r}."
             )
-        if not noise > 0:
-            raise ValueError(f"`noise` must be > 0, got {noise!r}.")
+        check_float("noise", noise, 0, min_open=True)
         self.save_hyperparameters()
         self.signal = [float(s) for s in signal]
         self.dim = dim

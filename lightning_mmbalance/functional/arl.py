@@ -32,15 +32,15 @@ class _ARLState:
     coefficient: list[float]  # a
 
 
-def _batch_sums(logits: Sequence[Tensor]) -> Tensor:
-    """Float64 ``[sum |z_1|, ..., sum |z_M|, sum_b H_1, ..., sum_b H_M]`` of one batch (detached)."""
+def _arl_update(logits: Sequence[Tensor]) -> dict[str, Tensor]:
+    """Float64 batch sums, detached: ``abs_logit`` ``[sum_b ||z_m||_1]_m`` and ``entropy`` ``[sum_b H_m]_m``."""
     abs_sums, entropy_sums = [], []
     for z in logits:
         z = z.detach().double()
         p = torch.softmax(z, dim=1)
         abs_sums.append(z.abs().sum())
         entropy_sums.append(-(p * torch.log(p + 1e-16)).sum())
-    return torch.stack(abs_sums + entropy_sums)
+    return {"abs_logit": torch.stack(abs_sums), "entropy": torch.stack(entropy_sums)}
 
 
 def _normalise(values: Sequence[float]) -> list[float]:
@@ -50,7 +50,7 @@ def _normalise(values: Sequence[float]) -> list[float]:
     return [v / total for v in values]
 
 
-def _coefficients_from_sums(
+def _arl_compute(
     abs_sums: Sequence[float], entropy_sums: Sequence[float], count: float, temperature: float, entropy_floor: float
 ) -> _ARLState:
     d_hat = _normalise(abs_sums)  # the 1/B of the batch mean cancels
@@ -101,8 +101,7 @@ def arl_coefficients(
         raise ValueError(f"`temperature` must be a finite float >= 0, got {temperature!r}.")
     if not 0 <= entropy_floor < 1:
         raise ValueError(f"`entropy_floor` must be in [0, 1), got {entropy_floor!r}.")
-    m = len(unimodal_logits)
-    sums = _batch_sums(list(unimodal_logits.values())).tolist()
+    sums = _arl_update(list(unimodal_logits.values()))
     count = float(next(iter(shapes.values()))[0])
-    state = _coefficients_from_sums(sums[:m], sums[m:], count, temperature, entropy_floor)
+    state = _arl_compute(sums["abs_logit"].tolist(), sums["entropy"].tolist(), count, temperature, entropy_floor)
     return dict(zip(unimodal_logits, state.coefficient, strict=True))

@@ -11,13 +11,15 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from lightning_mmbalance.utilities.checks import check_choice
+
 __all__ = ["gblend_weights"]
 
 POLICIES = ("clip", "abs")
 
 
 @dataclass(frozen=True)
-class _BlendTerms:
+class _GBlendTerms:
     generalization: dict[str, float]  # G
     overfitting: dict[str, float]  # dO
     raw: dict[str, float]
@@ -30,14 +32,14 @@ class _BlendTerms:
         return {h: abs(o) / max(abs(self.generalization[h]), 1e-8) for h, o in self.overfitting.items()}
 
 
-def _blend_terms(
+def _gblend_compute(
     train_start: Mapping[str, float],
     val_start: Mapping[str, float],
     train_end: Mapping[str, float],
     val_end: Mapping[str, float],
     policy: str,
     eps: float,
-) -> _BlendTerms:
+) -> _GBlendTerms:
     keys = list(train_start)
     sets = [set(d) for d in (train_start, val_start, train_end, val_end)]
     if any(s != sets[0] for s in sets):
@@ -47,8 +49,7 @@ def _blend_terms(
     values = [float(d[h]) for d in (train_start, val_start, train_end, val_end) for h in keys]
     if not all(math.isfinite(v) for v in values):
         raise ValueError("Losses must be finite.")
-    if policy not in POLICIES:
-        raise ValueError(f"`policy` must be one of {POLICIES}, got {policy!r}.")
+    check_choice("policy", policy, POLICIES)
     if not (math.isfinite(eps) and eps >= 0):
         raise ValueError(f"`eps` must be a finite float >= 0, got {eps!r}.")
     g = {h: val_start[h] - val_end[h] for h in keys}
@@ -66,7 +67,7 @@ def _blend_terms(
     total = sum(raw.values())
     all_zero = total == 0
     weights = {h: 1.0 / len(keys) for h in keys} if all_zero else {h: r / total for h, r in raw.items()}
-    return _BlendTerms(g, d_o, raw, weights, all_zero)
+    return _GBlendTerms(g, d_o, raw, weights, all_zero)
 
 
 def gblend_weights(
@@ -103,4 +104,4 @@ def gblend_weights(
         >>> {h: round(v, 4) for h, v in w.items()}
         {'audio': 0.0718, 'visual': 0.8776, 'fused': 0.0506}
     """
-    return _blend_terms(train_start, val_start, train_end, val_end, policy, eps).weights
+    return _gblend_compute(train_start, val_start, train_end, val_end, policy, eps).weights

@@ -21,7 +21,7 @@ _GUARD = 1e-12
 
 
 @dataclass(frozen=True)
-class _Products:
+class _MMParetoProducts:
     """Dot products of one encoder's two gradients: v11 = <g_mm, g_mm>, v12 = <g_mm, g_u>, v22 = <g_u, g_u>."""
 
     v11: float
@@ -55,13 +55,15 @@ def _dot64(a: Tensor, b: Tensor) -> Tensor:
     return torch.sum(a.double() * b.double()) if a.dtype != torch.float64 else torch.dot(a.flatten(), b.flatten())
 
 
-def _products(g_mm: Sequence[Tensor], g_u: Sequence[Tensor]) -> Tensor:
+def _mmpareto_products(g_mm: Sequence[Tensor], g_u: Sequence[Tensor]) -> Tensor:
     """Stacked float64 ``[v11, v12, v22]`` over a list of tensors (per-tensor dot products, summed)."""
     rows = [torch.stack([_dot64(a, a), _dot64(a, b), _dot64(b, b)]) for a, b in zip(g_mm, g_u, strict=True)]
     return torch.stack(rows).sum(0)
 
 
-def _tensor_factors(total_norms: Sequence[float], n_norms: Sequence[float], gamma: float) -> list[tuple[float, bool]]:
+def _mmpareto_tensor_factors(
+    total_norms: Sequence[float], n_norms: Sequence[float], gamma: float
+) -> list[tuple[float, bool]]:
     """Per tensor: (factor on n_t, guard). final_t = factor * n_t, or gamma * (g_mm,t + g_u,t) when guarded."""
     out = []
     for s, n in zip(total_norms, n_norms, strict=True):
@@ -95,8 +97,8 @@ def pareto_weights(g_mm: Tensor, g_u: Tensor) -> tuple[float, float]:
         (0.7272727272727273, 0.2727272727272727)
     """
     _check_pair(g_mm, g_u, "g_mm", "g_u")
-    v11, v12, v22 = _products([g_mm], [g_u]).tolist()
-    return _Products(v11, v12, v22).weights()
+    v11, v12, v22 = _mmpareto_products([g_mm], [g_u]).tolist()
+    return _MMParetoProducts(v11, v12, v22).weights()
 
 
 def mmpareto_combine(g_mm: Sequence[Tensor], g_u: Sequence[Tensor], gamma: float = 1.5) -> list[Tensor]:
@@ -128,11 +130,11 @@ def mmpareto_combine(g_mm: Sequence[Tensor], g_u: Sequence[Tensor], gamma: float
         raise ValueError(f"`g_mm` and `g_u` must be non-empty lists of equal length, got {len(g_mm)} and {len(g_u)}.")
     for i, (a, b) in enumerate(zip(g_mm, g_u, strict=True)):
         _check_pair(a, b, f"g_mm[{i}]", f"g_u[{i}]")
-    w_mm, w_u = _Products(*_products(g_mm, g_u).tolist()).weights()
+    w_mm, w_u = _MMParetoProducts(*_mmpareto_products(g_mm, g_u).tolist()).weights()
     totals = [a + b for a, b in zip(g_mm, g_u, strict=True)]
     ns = [2 * w_mm * a + 2 * w_u * b for a, b in zip(g_mm, g_u, strict=True)]
     norms = torch.stack([torch.linalg.vector_norm(t.double()) for t in totals + ns]).tolist()
-    factors = _tensor_factors(norms[: len(ns)], norms[len(ns) :], gamma)
+    factors = _mmpareto_tensor_factors(norms[: len(ns)], norms[len(ns) :], gamma)
     return [gamma * t if guard else factor * n for t, n, (factor, guard) in zip(totals, ns, factors, strict=True)]
 
 

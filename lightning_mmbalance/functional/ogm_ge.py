@@ -10,7 +10,7 @@ a tie damps the first modality.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -51,20 +51,22 @@ def ogm_scores(unimodal_logits: Mapping[str, Tensor], targets: Tensor) -> dict[s
         )
     if batch and bool((targets.min() < 0) | (targets.max() >= classes)):
         raise ValueError(f"`targets` must lie in [0, {classes}), got [{int(targets.min())}, {int(targets.max())}].")
-    return _true_class_probability_sums(unimodal_logits, targets)
+    sums = _ogm_score_update(list(unimodal_logits.values()), targets)
+    return dict(zip(unimodal_logits, sums.unbind(), strict=True))
 
 
-def _true_class_probability_sums(unimodal_logits: Mapping[str, Tensor], targets: Tensor) -> dict[str, Tensor]:
+def _ogm_score_update(logits: Sequence[Tensor], targets: Tensor) -> Tensor:
+    """``(M,)`` scores of one batch, unchecked: float32 (float64 for float64 logits), detached."""
     index = targets.long().unsqueeze(1)
-    out = {}
-    for m, z in unimodal_logits.items():
+    rows = []
+    for z in logits:
         z = z.detach()
         z = z if z.dtype == torch.float64 else z.float()
-        out[m] = torch.softmax(z, dim=1).gather(1, index).sum()
-    return out
+        rows.append(torch.softmax(z, dim=1).gather(1, index).sum())
+    return torch.stack(rows)
 
 
-def _ogm_ratios(scores: Mapping[str, float]) -> dict[str, float]:
+def _ogm_ratio_compute(scores: Mapping[str, float]) -> dict[str, float]:
     """``rho_m = S_m / mean_{j != m} S_j`` (``+inf`` if the others are all 0 and ``S_m > 0``; 1 for ``0 / 0``)."""
     total = sum(scores.values())
     n_others = len(scores) - 1
@@ -78,7 +80,7 @@ def _ogm_ratios(scores: Mapping[str, float]) -> dict[str, float]:
     return ratios
 
 
-def _coefficients_from_ratios(ratios: Mapping[str, float], alpha: float) -> dict[str, float]:
+def _ogm_coefficient_compute(ratios: Mapping[str, float], alpha: float) -> dict[str, float]:
     coefficients = {m: 1.0 - math.tanh(alpha * r) if r > 1.0 else 1.0 for m, r in ratios.items()}
     if all(r <= 1.0 for r in ratios.values()):  # a tie: the first modality is damped, as in the official code
         coefficients[next(iter(ratios))] = 1.0 - math.tanh(alpha)
@@ -115,4 +117,4 @@ def ogm_coefficients(scores: Mapping[str, float | Tensor], alpha: float) -> dict
         raise ValueError(f"Scores must be finite and >= 0, got {bad}.")
     if not (math.isfinite(alpha) and alpha >= 0):
         raise ValueError(f"`alpha` must be a finite float >= 0, got {alpha!r}.")
-    return _coefficients_from_ratios(_ogm_ratios(values), alpha)
+    return _ogm_coefficient_compute(_ogm_ratio_compute(values), alpha)

@@ -86,7 +86,7 @@ def relearning_alpha(train_purity: float, val_purity: float, strength: float) ->
     return math.tanh(strength * abs(train_purity - val_purity))
 
 
-def _relearn_(params: Sequence[Tensor], initial: Sequence[Tensor], alpha: float) -> None:
+def _relearning_interpolate_(params: Sequence[Tensor], initial: Sequence[Tensor], alpha: float) -> None:
     """In place: ``theta <- alpha * theta_0 + (1 - alpha) * theta`` (the Parameter objects stay the same)."""
     with torch.no_grad():
         for p, p0 in zip(params, initial, strict=True):

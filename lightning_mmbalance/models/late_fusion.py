@@ -10,16 +10,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_mmbalance.callbacks.base import check_bool, check_float, check_int
-from lightning_mmbalance.contract import MultimodalOutput, multimodal_loss
-from lightning_mmbalance.fusion import ConcatFusion, SumFusion
+from lightning_mmbalance.contract import MultimodalOutput
+from lightning_mmbalance.fusion import BIAS_MODES, ConcatFusion, SumFusion
+from lightning_mmbalance.loss import multimodal_loss
+from lightning_mmbalance.utilities.checks import check_bool, check_choice, check_float, check_int
 
 __all__ = ["LateFusionClassifier"]
 
 Batch = tuple[Mapping[str, Tensor], Tensor]
 
 _FUSIONS = ("concat", "sum")
-_BIAS_MODES = ("split", "whole")
 _OPTIMIZERS = ("sgd", "adam", "adamw")
 
 
@@ -122,18 +122,12 @@ class LateFusionClassifier(pl.LightningModule):
         check_int("num_classes", num_classes, 2)
         check_int("feature_dim", feature_dim, 1)
         check_int("hidden_dim", hidden_dim, 1)
-        for name, value, accepted in (
-            ("fusion", fusion, _FUSIONS),
-            ("bias", bias, _BIAS_MODES),
-            ("optimizer", optimizer, _OPTIMIZERS),
-        ):
-            if value not in accepted:
-                raise ValueError(f"`{name}` must be one of {accepted}, got {value!r}.")
+        check_choice("fusion", fusion, _FUSIONS)
+        check_choice("bias", bias, BIAS_MODES)
+        check_choice("optimizer", optimizer, _OPTIMIZERS)
         check_bool("unimodal_heads", unimodal_heads)
-        check_float("lr", lr, 0.0, strict=True)
-        check_float("momentum", momentum, 0.0)
-        if momentum >= 1:
-            raise ValueError(f"`momentum` must be a finite float in [0, 1), got {momentum!r}.")
+        check_float("lr", lr, 0.0, min_open=True)
+        check_float("momentum", momentum, 0.0, 1.0, max_open=True)
         check_float("weight_decay", weight_decay, 0.0)
         self.save_hyperparameters()
 
@@ -238,7 +232,8 @@ class LateFusionClassifier(pl.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """SGD with momentum (default), Adam or AdamW over all parameters, with ``lr`` and ``weight_decay``."""
         hp = self.hparams
-        if hp.optimizer == "sgd":
-            return torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
-        optimizer = torch.optim.Adam if hp.optimizer == "adam" else torch.optim.AdamW
-        return optimizer(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        lr, weight_decay = hp["lr"], hp["weight_decay"]
+        if hp["optimizer"] == "sgd":
+            return torch.optim.SGD(self.parameters(), lr=lr, momentum=hp["momentum"], weight_decay=weight_decay)
+        optimizer = torch.optim.Adam if hp["optimizer"] == "adam" else torch.optim.AdamW
+        return optimizer(self.parameters(), lr=lr, weight_decay=weight_decay)

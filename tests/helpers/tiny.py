@@ -10,22 +10,12 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_mmbalance import BalancingCallback, MultimodalOutput, multimodal_loss
+from lightning_mmbalance.callbacks.base import StepStatistics
 from lightning_mmbalance.contract import StepRecord
-
-
-class TensorPairs(Dataset):
-    def __init__(self, inputs: Mapping[str, Tensor], targets: Tensor) -> None:
-        self.inputs = dict(inputs)
-        self.targets = targets
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, i: int) -> tuple[dict[str, Tensor], Tensor]:
-        return {m: x[i] for m, x in self.inputs.items()}, self.targets[i]
+from lightning_mmbalance.data import MultimodalTensorDataset as TensorPairs
 
 
 def make_data(n: int = 64, dims: Mapping[str, int] | None = None, num_classes: int = 3, seed: int = 0) -> TensorPairs:
@@ -127,6 +117,7 @@ class ShareCallback(BalancingCallback):
     """A trivial method: scales each encoder's gradient by 2 x its share of the summed true-class probability."""
 
     method = "share"
+    gradient_action = "scale"
 
     def __init__(self, modulate: str = "gradient", encoders: Mapping[str, str] | None = None, weights: bool = False):
         super().__init__(encoders=encoders, modulate=modulate)
@@ -140,25 +131,25 @@ class ShareCallback(BalancingCallback):
     def loss_weights(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float] | None:
         return dict.fromkeys(self.modalities, 0.5) if self.sets_weights else None
 
-    def _micro_batch_statistics(self, record: StepRecord) -> Tensor:
+    def step_statistics(self, record: StepRecord) -> dict[str, Tensor]:
         y = record.output.targets.unsqueeze(1)
         probs = [
             torch.softmax(record.output.unimodal_logits[m].double(), 1).gather(1, y).sum() for m in self.modalities
         ]
-        return torch.stack(probs)
+        return {"prob": torch.stack(probs)}
 
-    def _modulate(self, trainer, pl_module, optimizer, stats) -> None:
-        values = stats.tolist()
+    def on_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stats: StepStatistics) -> None:
+        values = stats["prob"]
         self.seen.append(values)
         total = sum(values)
         factors = {m: 2 * v / total for m, v in zip(self.modalities, values, strict=True)}
         for m in self.modalities:
             params = self.encoder_parameters(m)
             if self.modulate == "update":
-                self._scale_update_after_step(trainer, params, [factors[m]] * len(params))
+                self.scale_update_after_step(params, [factors[m]] * len(params))
             else:
                 torch._foreach_mul_([p.grad for p in params], factors[m])
-        self._log_values(pl_module, {"factor": factors})
+        self.log_values(pl_module, {"factor": factors})
 
 
 class SaveParams(pl.Callback):
@@ -188,6 +179,19 @@ def trainer_kwargs(**overrides: Any) -> dict[str, Any]:
     )
     kwargs.update(overrides)
     return kwargs
+
+
+def fit(callbacks: list, model: pl.LightningModule | None = None, data: Any = None, **overrides: Any):
+    """Train ``model`` (default ``TinyModel()``) on ``data`` (default ``TinyData()``); returns (trainer, model)."""
+    trainer = pl.Trainer(**trainer_kwargs(callbacks=list(callbacks), **overrides))  # the Trainer appends to the list
+    model = model if model is not None else TinyModel()
+    trainer.fit(model, datamodule=data if data is not None else TinyData())
+    return trainer, model
+
+
+def params_of(model: torch.nn.Module) -> dict[str, Tensor]:
+    """A detached copy of the module's state dict."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def load_ranks(folder: str | os.PathLike, world_size: int = 2) -> list[dict[str, Tensor]]:
