@@ -192,6 +192,7 @@ def run_one(
 
 def _probe(model: LateFusionClassifier, dm: MultimodalDataModule) -> dict[str, float]:
     """Linear-probe test accuracy of each encoder's features (the probe is fitted on the training split)."""
+    assert dm.train_set is not None and dm.test_set is not None, "the data module is set up by the fit"
     with eval_mode(model):
         train_x, train_y, _ = collect_features(model, DataLoader(dm.train_set, 256), dm.modalities, None, "probe")
         test_x, test_y, _ = collect_features(model, DataLoader(dm.test_set, 256), dm.modalities, None, "probe")

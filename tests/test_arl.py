@@ -16,7 +16,7 @@ def t(x):
 
 
 def close(actual, expected):
-    """The spec prints 10 decimals: agree to 1e-10 (plus its rounding)."""
+    """The golden values have 10 decimals: agree to 1e-10 (plus their rounding)."""
     torch.testing.assert_close(actual, t(expected), atol=2e-10, rtol=0)
 
 
@@ -82,7 +82,7 @@ class ARLTiny(pl.LightningModule):
         super().__init__()
         self.encoders = nn.ModuleDict({"a": nn.Linear(2, 2, bias=False), "v": nn.Linear(2, 2, bias=False)})
         self.fc = nn.Linear(4, 3)
-        self.double()  # before the copies, so the weights are exactly the spec's decimals
+        self.double()  # before the copies, so the weights are exactly the golden decimals
         with torch.no_grad():
             self.encoders["a"].weight.copy_(t([[0.5, -0.2], [0.1, 0.3]]))
             self.encoders["v"].weight.copy_(t([[0.05, 0.1], [-0.1, 0.02]]))

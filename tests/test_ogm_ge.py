@@ -13,7 +13,7 @@ from lightning_mmbalance.functional import ogm_coefficients, ogm_scores
 from tests.helpers.tiny import SaveParams, TinyData, TinyModel, assert_states_close, load_ranks, trainer_kwargs
 from tests.helpers.tiny import fit as _fit
 
-# --------------------------------------------------------------------------------- golden values O1-O3 (docs/ogm_ge.md)
+# --------------------------------------------------------------------------------- golden values O1-O3
 PHI_A = [[1, 0], [0.5, 1], [0, 2]]
 PHI_V = [[0.2, 0.1], [0, 0.3], [0.1, 0]]
 W = [[1, -1, 0.5, 0], [-0.5, 1, 0, 0.5], [0, 0.5, -0.5, 1]]
@@ -105,7 +105,7 @@ class Fusion(nn.Module):
 
 
 class OfficialTiny(pl.LightningModule):
-    """The spec's O4 model: conv encoders with BN, concat head, bias split in half; float64."""
+    """The O4 model of the golden values: conv encoders with BN, concat head, bias split in half; float64."""
 
     def __init__(self, tie: bool = False, lr: float = 1e-3) -> None:
         super().__init__()

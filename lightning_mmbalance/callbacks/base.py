@@ -306,9 +306,9 @@ class MultimodalCallback(Callback):
         ``lcm(every_n_steps, log_every_n_steps)``-th step. Valid until the step's ``on_train_batch_end``;
         ``self.log`` costs about a millisecond per value, so per-step values are only logged on such steps.
         """
-        if trainer.fast_dev_run:
+        if getattr(trainer, "fast_dev_run", False):
             return True
-        every = trainer.log_every_n_steps
+        every: int = getattr(trainer, "log_every_n_steps", 50)
         return every > 0 and (trainer.global_step + 1) % math.lcm(every_n_steps, every) == 0
 
     def log_values(

@@ -186,35 +186,36 @@ class MMPareto(BalancingCallback):
         Returns, per modality: the parameters, their ``h`` tensors (for guarded tensors the plain sum), the
         (factor on ``n_t``, guarded) pairs, and the squared norms of the plain and of the final encoder gradient.
         """
-        per_modality = {}
+        per_modality: dict[str, tuple[list[nn.Parameter], list[Tensor], list[Tensor]]] = {}
         norm_lists = []
         for m in self.modalities:
-            triples = [
-                (p, n, u)
-                for p, n, u in zip(self.encoder_parameters(m), self._g_mm[m], self._g_u[m], strict=True)
-                if p.grad is not None
-            ]
-            params, ns, us = ([t[i] for t in triples] for i in range(3))
+            params, ns, us, grads = [], [], [], []
+            for p, n, u in zip(self.encoder_parameters(m), self._g_mm[m], self._g_u[m], strict=True):
+                if p.grad is not None:
+                    params.append(p)
+                    ns.append(n)
+                    us.append(u)
+                    grads.append(p.grad)
             # h = n / 2 = w_mm g_mm + w_u g_u = lerp(g_mm, g_u, w_u), since w_mm + w_u = 1: one pass over the buffer
             torch._foreach_lerp_(ns, us, weights[m][1])
-            per_modality[m] = (params, ns)
-            norm_lists += [torch._foreach_norm([p.grad for p in params]), torch._foreach_norm(ns)]
+            per_modality[m] = (params, ns, grads)
+            norm_lists += [torch._foreach_norm(grads), torch._foreach_norm(ns)]
         flat_norms = torch.stack([n.double() for lst in norm_lists for n in lst]).tolist()
         plan = {}
         offset = 0
-        for m, (params, ns) in per_modality.items():
+        for m, (params, ns, grads) in per_modality.items():
             count = len(params)
             totals = flat_norms[offset : offset + count]
             n_norms = [2 * h for h in flat_norms[offset + count : offset + 2 * count]]
             offset += 2 * count
             factors = _mmpareto_tensor_factors(totals, n_norms, self.gamma)
-            for h, p, (_, guarded) in zip(ns, params, factors, strict=True):
+            for h, g, (_, guarded) in zip(ns, grads, factors, strict=True):
                 if guarded:  # ||n|| ~ 0: fall back to gamma * (g_mm + g_u)
-                    h.copy_(p.grad)
+                    h.copy_(g)
             final_sq = sum(
                 (f * (s if g else nn_)) ** 2 for (f, g), s, nn_ in zip(factors, totals, n_norms, strict=True)
             )
-            plan[m] = (params, ns, factors, sum(s * s for s in totals), final_sq)
+            plan[m] = (params, ns, factors, float(sum(s * s for s in totals)), float(final_sq))
         return plan
 
 

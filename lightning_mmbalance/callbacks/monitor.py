@@ -8,7 +8,7 @@ other diagnostics are in :mod:`lightning_mmbalance.functional.diagnostics`.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -372,11 +372,13 @@ class ModalityMonitor(MultimodalCallback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the history; version-1 states carried none."""
         super().load_state_dict(state_dict)
-        self.history = {k: [tuple(p) for p in v] for k, v in state_dict.get("history", {}).items()}  # type: ignore[misc]
+        self.history = {
+            k: [(int(s), float(v)) for s, v in points] for k, points in state_dict.get("history", {}).items()
+        }
 
 
-def _total_norm(tensors: list[Tensor], device: torch.device) -> Tensor:
+def _total_norm(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
     """The float64 2-norm of a list of tensors on ``device`` (0 for an empty list)."""
     if not tensors:
         return torch.zeros((), dtype=torch.float64, device=device)
-    return torch.stack([n.double() for n in torch._foreach_norm(tensors)]).norm()
+    return torch.stack([n.double() for n in torch._foreach_norm(list(tensors))]).norm()

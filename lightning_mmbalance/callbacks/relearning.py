@@ -166,7 +166,7 @@ class DiagnosingRelearning(BalancingCallback):
         with isolated_rng(self.seed):
             train = self._features(trainer, pl_module, train_loader(trainer, self.name))
             val = self._features(trainer, pl_module, validation_loader(trainer, self.name))
-        result: dict[str, tuple[float, float]] | None = None
+        result: dict[str, tuple[float, float]] = {}
         if trainer.is_global_zero:
             (train_feats, train_y, k), (val_feats, val_y, _) = train, val
             k = self.n_clusters or k
@@ -187,7 +187,7 @@ class DiagnosingRelearning(BalancingCallback):
                 f"{self.name}(max_samples={self.max_samples}) needs map-style datasets (with `__len__`), got "
                 f"{type(dataset).__name__}; use max_samples=None to diagnose on everything the loader yields."
             )
-        n = len(dataset)  # type: ignore[arg-type]
+        n = len(dataset)
         if self.max_samples >= n:
             return None
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
