@@ -1,15 +1,16 @@
 """Effectiveness of every method on the built-in data, with model selection on the validation split only.
 
-For each data set (CG-Digits, two-modality synthetic, three-modality synthetic) and each method (the joint-loss
-baseline, the uniform baseline L_f + sum L_m, and every balancing method at its documented defaults), train the
-reference model over several seeds, keep the checkpoint with the best validation accuracy, and report on the test
+For each data set and each method (the joint-loss baseline, the uniform baseline L_f + sum L_m, and every balancing
+method at its documented defaults), train the reference model over several seeds at every learning rate of a grid,
+keep, per method and seed, the learning rate and checkpoint with the best validation accuracy, and report on the test
 split: fused accuracy, per-modality accuracy (unimodal logits) and per-modality linear-probe accuracy (a logistic
-regression fitted on the training features of the selected checkpoint), as mean +- std over seeds.
+regression fitted on the training features of the selected checkpoint), as mean +- std over seeds, with the chosen
+learning rates and the number of step-size warnings the runs raised.
 
-This is the code path of ``mmbalance compare`` (``lightning_mmbalance.experiment.run_one``).
+This is the code path of ``mmbalance compare`` (``lightning_mmbalance.experiment.run_grid``).
 
     python benchmarks/effectiveness.py                       # all data sets, all methods, 5 seeds
-    python benchmarks/effectiveness.py --data cg-digits --seeds 3 --epochs 15
+    python benchmarks/effectiveness.py --data cg-digits --seeds 3 --epochs 15 --lrs 0.01
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from lightning_mmbalance.experiment import DATASETS, METHODS, run_one, summarize
+from lightning_mmbalance.experiment import DATASETS, METHODS, format_lrs, run_grid, summarize
 
 
 def markdown(rows, modalities) -> str:
@@ -34,15 +35,15 @@ def markdown(rows, modalities) -> str:
         "fused acc",
         *(f"{m} acc" for m in modalities),
         *(f"{m} probe" for m in modalities),
-        "step",
-        "fit",
+        "lr per seed",
+        "warnings",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r.method, f"{100 * r.test_acc[0]:.1f} ± {100 * r.test_acc[1]:.1f}"]
         cells += [f"{100 * r.modality_acc[m][0]:.1f} ± {100 * r.modality_acc[m][1]:.1f}" for m in modalities]
         cells += [f"{100 * r.probe_acc[m][0]:.1f} ± {100 * r.probe_acc[m][1]:.1f}" for m in modalities]
-        cells += [f"{r.relative_step_time:.2f}x", f"{r.relative_fit_time:.2f}x"]
+        cells += [format_lrs(r.lrs), str(r.warnings)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -53,13 +54,14 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--lrs", nargs="+", type=float, default=[0.003, 0.01, 0.03, 0.1])
     parser.add_argument("--output", type=Path, default=Path("benchmark_runs"))
     args = parser.parse_args()
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     print(
         f"torch {torch.__version__}, {platform.machine()} {platform.processor()}, {torch.get_num_threads()} threads; "
-        f"{args.seeds} seeds, {args.epochs} epochs\n"
+        f"{args.seeds} seeds, {args.epochs} epochs, learning rates {args.lrs}\n"
     )
     report = {}
     for dataset in args.data:
@@ -67,10 +69,13 @@ def main() -> None:
         start = time.perf_counter()
         for method in args.methods:
             for seed in range(args.seeds):
-                results.append(
-                    run_one(method, seed, dataset=dataset, max_epochs=args.epochs, out_dir=args.output, probe=True)
+                result = run_grid(
+                    method, seed, args.lrs, dataset=dataset, max_epochs=args.epochs, out_dir=args.output, probe=True
                 )
-                print(f"  {dataset} {method} seed {seed}: test {100 * results[-1].test_acc:.1f}%", flush=True)
+                results.append(result)
+                print(
+                    f"  {dataset} {method} seed {seed}: lr {result.lr:g}, test {100 * result.test_acc:.1f}%", flush=True
+                )
         rows = summarize(results)
         modalities = list(rows[0].modality_acc)
         print(f"\n### {dataset} ({time.perf_counter() - start:.0f} s)\n\n{markdown(rows, modalities)}\n", flush=True)

@@ -1,8 +1,8 @@
 """The ``mmbalance`` command.
 
-- ``mmbalance compare``: train the reference model on built-in data without balancing and with each method, and
-  print fused and per-modality test accuracy (mean +- std over seeds) and the step and fit times relative to the
-  baseline.
+- ``mmbalance compare``: train the reference model on built-in data without balancing and with each method, each at
+  the learning rate of a grid with the best validation accuracy, and print fused and per-modality test accuracy
+  (mean +- std over seeds) with the chosen learning rates.
 - ``mmbalance fit|validate|test``: LightningCLI over the reference model and the built-in data modules, so any
   callback can be added from the command line or a YAML config, e.g.
   ``mmbalance fit --data CGDigitsDataModule --trainer.callbacks+=lightning_mmbalance.OGMGE``.
@@ -35,14 +35,23 @@ class MMBalanceCLI(LightningCLI):
 
 
 def _compare_parser() -> argparse.ArgumentParser:
-    from lightning_mmbalance.experiment import DATASETS, METHODS
+    from lightning_mmbalance.experiment import DATASETS, DEFAULT_LRS, METHODS
 
     parser = argparse.ArgumentParser(
         prog="mmbalance compare",
         description="Train the reference late-fusion model on built-in data without balancing and with each "
-        "balancing method; select on validation accuracy, report test accuracy.",
+        "balancing method, each at the learning rate of --lrs with the best validation accuracy (per method and "
+        "seed); report test accuracy. Times are not compared here: see benchmarks/overhead.py.",
     )
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), metavar="METHOD")
+    parser.add_argument(
+        "--lrs",
+        nargs="+",
+        type=float,
+        default=list(DEFAULT_LRS),
+        metavar="LR",
+        help=f"learning-rate grid (SGD, momentum 0.9); default {' '.join(f'{lr:g}' for lr in DEFAULT_LRS)}",
+    )
     parser.add_argument("--seeds", type=int, default=2, help="number of seeds (0, 1, ...); default 2")
     parser.add_argument("--epochs", type=int, default=15, help="training epochs per run; default 15")
     parser.add_argument("--data", choices=DATASETS, default="cg-digits", help="built-in data set; default cg-digits")
@@ -56,10 +65,13 @@ def compare(argv: Sequence[str]) -> int:
     if args.seeds < 1 or args.epochs < 1:
         print("mmbalance compare: --seeds and --epochs must be >= 1", file=sys.stderr)
         return 2
+    if any(not lr > 0 for lr in args.lrs):
+        print(f"mmbalance compare: every --lrs value must be > 0, got {args.lrs}", file=sys.stderr)
+        return 2
     import logging
     import warnings
 
-    from lightning_mmbalance.experiment import format_table, plot_summary, run_one, summarize
+    from lightning_mmbalance.experiment import format_table, plot_summary, run_grid, summarize
 
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module="lightning")
@@ -67,24 +79,27 @@ def compare(argv: Sequence[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     print(
         f"mmbalance compare: {args.data}, methods {', '.join(args.methods)}, {args.seeds} seed(s), "
-        f"{args.epochs} epochs; output in {out.resolve()}",
+        f"{args.epochs} epochs, learning rates {', '.join(f'{lr:g}' for lr in args.lrs)}; output in {out.resolve()}",
         flush=True,
     )
     results = []
     total = len(args.methods) * args.seeds
     for i, (method, seed) in enumerate(((m, s) for m in args.methods for s in range(args.seeds)), start=1):
         start = time.perf_counter()
-        result = run_one(method, seed, dataset=args.data, max_epochs=args.epochs, out_dir=out)
+        result = run_grid(method, seed, args.lrs, dataset=args.data, max_epochs=args.epochs, out_dir=out)
         results.append(result)
         print(
-            f"[{i:>2}/{total}] {method:<10} seed {seed}: test acc {100 * result.test_acc:5.1f}% "
-            f"(best val epoch {result.best_epoch}, {time.perf_counter() - start:.1f} s)",
+            f"[{i:>2}/{total}] {method:<17} seed {seed}: lr {result.lr:g} (val acc {100 * result.val_acc:.1f}%), "
+            f"test acc {100 * result.test_acc:5.1f}% ({time.perf_counter() - start:.1f} s)",
             flush=True,
         )
+        for warning in result.warnings:
+            print(f"    step-size warning: {warning}", flush=True)
     rows = summarize(results)
     table = format_table(rows)
-    print("\nTest accuracy (checkpoint with the best validation accuracy), mean ± std over seeds:\n")
+    print("\nTest accuracy (checkpoint and learning rate with the best validation accuracy), mean ± std over seeds:\n")
     print(table)
+    print("\nPer-step cost of each method: python benchmarks/overhead.py (the README's overhead table).")
     png = plot_summary(rows, out / "summary.png", title=f"mmbalance compare: {args.data}")
     (out / "results.json").write_text(json.dumps([asdict(r) for r in results], indent=2))
     (out / "summary.txt").write_text(table + "\n")

@@ -1,14 +1,21 @@
 """Train the reference model with and without each balancing method, with model selection on validation.
 
 One code path for ``mmbalance compare`` and ``benchmarks/effectiveness.py``: :func:`run_one` trains one
-(method, seed) pair, keeps the checkpoint with the best validation accuracy and reports its test accuracy (fused and
-per modality); :func:`summarize` turns runs into mean +- std rows.
+(method, seed, learning rate), keeps the checkpoint with the best validation accuracy and reports its test accuracy
+(fused and per modality); :func:`run_grid` does so for every learning rate of a grid and keeps the run with the best
+validation accuracy (each method at its own learning rate; the test split never takes part in a choice);
+:func:`summarize` turns runs into mean +- std rows.
+
+Times are not compared here: runs made one after another on a shared machine give ratios that do not hold. The
+per-step overhead of every method is measured by ``benchmarks/overhead.py`` (interleaved rounds, medians) and the
+epoch-level costs by ``benchmarks/epoch_costs.py``.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +35,7 @@ from lightning_mmbalance.callbacks import (
     MMPareto,
     UnimodalLosses,
 )
+from lightning_mmbalance.callbacks.base import StepSizeWarning
 from lightning_mmbalance.callbacks.heldout import collect_features, eval_mode
 from lightning_mmbalance.data import CGDigitsDataModule, MultimodalDataModule, SyntheticDataModule
 from lightning_mmbalance.functional.diagnostics import probe_accuracy
@@ -35,6 +43,7 @@ from lightning_mmbalance.models import LateFusionClassifier
 
 __all__ = [
     "DATASETS",
+    "DEFAULT_LRS",
     "METHODS",
     "RunResult",
     "Summary",
@@ -42,9 +51,13 @@ __all__ = [
     "make_datamodule",
     "method_callbacks",
     "plot_summary",
+    "run_grid",
     "run_one",
     "summarize",
 ]
+
+DEFAULT_LRS: tuple[float, ...] = (0.003, 0.01, 0.03)
+"""The learning-rate grid of ``mmbalance compare`` (SGD with momentum 0.9; the reference model's default is 0.01)."""
 
 
 def _scaled(fraction: float, max_epochs: int) -> int:
@@ -91,11 +104,12 @@ def make_datamodule(dataset: str, batch_size: int = 64) -> MultimodalDataModule:
 
 @dataclass
 class RunResult:
-    """One (method, seed) run: test accuracies of the best-validation checkpoint, the median step time and the fit time.
+    """One (method, seed, learning rate) run: test accuracies of the best-validation checkpoint and what it took.
 
-    ``step_time`` times training batches only; ``fit_time`` is the wall time of ``Trainer.fit``, so it also counts
-    the epoch-level work some methods do outside the batches (Gradient Blending's estimation, the re-learning
-    diagnosis) and validation.
+    ``val_acc`` is that checkpoint's validation accuracy, which :func:`run_grid` compares across learning rates;
+    ``grid`` holds every learning rate's ``val_acc`` when the run was chosen from a grid. ``fit_time`` is the wall
+    time of ``Trainer.fit`` (not comparable across runs made one after another on a shared machine). ``warnings``
+    are the step-size warnings the callbacks raised during the fit.
     """
 
     method: str
@@ -103,30 +117,13 @@ class RunResult:
     test_acc: float
     modality_acc: dict[str, float]
     val_acc: float
-    step_time: float
     best_epoch: int
     log_dir: str
+    lr: float = float("nan")
     probe_acc: dict[str, float] = field(default_factory=dict)
     fit_time: float = float("nan")
-
-
-class _StepTimer(Callback):
-    """Median wall time of a training batch (forward, backward, callbacks and optimizer step), after epoch 0."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self._start = 0.0
-
-    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        if trainer.current_epoch > 0 or trainer.max_epochs == 1:  # the first epoch warms the process up
-            self.times.append(time.perf_counter() - self._start)
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.times) if self.times else float("nan")
+    grid: dict[float, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
 
 def _logger(out_dir: Path, name: str, version: str) -> Logger:
@@ -141,29 +138,79 @@ def run_one(
     seed: int,
     dataset: str = "cg-digits",
     max_epochs: int = 20,
+    lr: float | None = None,
     out_dir: str | Path = "mmbalance_runs",
     model_kwargs: dict[str, Any] | None = None,
     trainer_kwargs: dict[str, Any] | None = None,
     probe: bool = False,
 ) -> RunResult:
-    """Train ``method`` on ``dataset`` with ``seed``; test the checkpoint with the best validation accuracy.
+    """Train ``method`` on ``dataset`` with ``seed`` and ``lr``; test the checkpoint with the best validation accuracy.
 
     Model selection uses the validation split only; the test split is evaluated once, on that checkpoint. With
     ``probe``, a linear probe per modality is fitted on that checkpoint's training features and scored on the test
-    split.
+    split. ``lr`` None keeps the reference model's default (0.01).
     """
-    out = Path(out_dir)
+    result, model, dm = _train(method, seed, dataset, max_epochs, lr, Path(out_dir), model_kwargs, trainer_kwargs)
+    if probe:
+        result.probe_acc = _probe(model, dm)
+    return result
+
+
+def run_grid(
+    method: str,
+    seed: int,
+    lrs: Sequence[float] = DEFAULT_LRS,
+    dataset: str = "cg-digits",
+    max_epochs: int = 20,
+    out_dir: str | Path = "mmbalance_runs",
+    model_kwargs: dict[str, Any] | None = None,
+    trainer_kwargs: dict[str, Any] | None = None,
+    probe: bool = False,
+) -> RunResult:
+    """:func:`run_one` at every learning rate of ``lrs``; the run with the best validation accuracy is returned.
+
+    Ties go to the first learning rate of the grid. The test split only reports the chosen run. The probes, if asked
+    for, are fitted for the chosen run only.
+    """
+    if not lrs:
+        raise ValueError("`lrs` must hold at least one learning rate.")
+    best: tuple[RunResult, LateFusionClassifier, MultimodalDataModule] | None = None
+    grid = {}
+    for lr in lrs:
+        trained = _train(method, seed, dataset, max_epochs, lr, Path(out_dir), model_kwargs, trainer_kwargs)
+        grid[lr] = trained[0].val_acc
+        if best is None or trained[0].val_acc > best[0].val_acc:
+            best = trained
+    assert best is not None
+    result, model, dm = best
+    result.grid = grid
+    if probe:
+        result.probe_acc = _probe(model, dm)
+    return result
+
+
+def _train(
+    method: str,
+    seed: int,
+    dataset: str,
+    max_epochs: int,
+    lr: float | None,
+    out: Path,
+    model_kwargs: dict[str, Any] | None,
+    trainer_kwargs: dict[str, Any] | None,
+) -> tuple[RunResult, LateFusionClassifier, MultimodalDataModule]:
     pl.seed_everything(seed, workers=True, verbose=False)
     dm = make_datamodule(dataset)
-    model = LateFusionClassifier(dm.input_shapes, dm.num_classes, **(model_kwargs or {}))
-    timer = _StepTimer()
-    ckpt = ModelCheckpoint(dirpath=out / "checkpoints" / f"{method}-seed{seed}", monitor="val/acc", mode="max")
+    model_args = {**(model_kwargs or {}), **({"lr": lr} if lr is not None else {})}
+    model = LateFusionClassifier(dm.input_shapes, dm.num_classes, **model_args)
+    name = f"{method}-seed{seed}" + (f"-lr{lr:g}" if lr is not None else "")
+    ckpt = ModelCheckpoint(dirpath=out / "checkpoints" / dataset / name, monitor="val/acc", mode="max")
     kwargs: dict[str, Any] = dict(
         max_epochs=max_epochs,
         accelerator="cpu",
         devices=1,
-        logger=_logger(out, f"{dataset}/{method}", f"seed{seed}"),
-        callbacks=[*method_callbacks(method, max_epochs), timer, ckpt],
+        logger=_logger(out, f"{dataset}/{method}", name.removeprefix(f"{method}-")),
+        callbacks=[*method_callbacks(method, max_epochs), ckpt],
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
@@ -172,22 +219,28 @@ def run_one(
     kwargs.update(trainer_kwargs or {})
     trainer = pl.Trainer(**kwargs)
     start = time.perf_counter()
-    trainer.fit(model, datamodule=dm)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", StepSizeWarning)
+        trainer.fit(model, datamodule=dm)
     fit_time = time.perf_counter() - start
+    for w in caught:  # the others go on to the caller's filters
+        if not issubclass(w.category, StepSizeWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     (metrics,) = trainer.test(model, datamodule=dm, ckpt_path="best", verbose=False)
     best = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=False)
-    return RunResult(
+    result = RunResult(
         method=method,
         seed=seed,
         test_acc=float(metrics["test/acc"]),
         modality_acc={m: float(metrics[f"test/acc_{m}"]) for m in dm.modalities},
         val_acc=float(ckpt.best_model_score or 0.0),
-        step_time=timer.median,
         best_epoch=int(best["epoch"]),
         log_dir=str(trainer.logger.log_dir) if trainer.logger is not None else "",
-        probe_acc=_probe(model, dm) if probe else {},
+        lr=float(model.hparams["lr"]),
         fit_time=fit_time,
+        warnings=[str(w.message) for w in caught if issubclass(w.category, StepSizeWarning)],
     )
+    return result, model, dm
 
 
 def _probe(model: LateFusionClassifier, dm: MultimodalDataModule) -> dict[str, float]:
@@ -201,40 +254,40 @@ def _probe(model: LateFusionClassifier, dm: MultimodalDataModule) -> dict[str, f
 
 @dataclass
 class Summary:
-    """Mean and standard deviation over seeds of one method's runs."""
+    """Mean and standard deviation over seeds of one method's runs, with the learning rate chosen for each seed."""
 
     method: str
     test_acc: tuple[float, float]
     modality_acc: dict[str, tuple[float, float]]
-    relative_step_time: float
-    relative_fit_time: float
+    lrs: list[float] = field(default_factory=list)
     probe_acc: dict[str, tuple[float, float]] = field(default_factory=dict)
     runs: list[RunResult] = field(default_factory=list)
+
+    @property
+    def warnings(self) -> int:
+        """How many step-size warnings the runs raised."""
+        return sum(len(r.warnings) for r in self.runs)
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def summarize(results: Sequence[RunResult], reference: str = "baseline") -> list[Summary]:
-    """Group runs by method (in :data:`METHODS` order); step and fit times are relative to ``reference``."""
+def summarize(results: Sequence[RunResult]) -> list[Summary]:
+    """Group runs by method (in :data:`METHODS` order): mean +- std over seeds, and the chosen learning rates."""
     by_method: dict[str, list[RunResult]] = {}
     for r in results:
         by_method.setdefault(r.method, []).append(r)
-    base = by_method.get(reference)
-    base_time = statistics.median([r.step_time for r in base]) if base else float("nan")
-    base_fit = statistics.median([r.fit_time for r in base]) if base else float("nan")
     rows = []
     for method in sorted(by_method, key=lambda m: METHODS.index(m) if m in METHODS else len(METHODS)):
-        runs = by_method[method]
+        runs = sorted(by_method[method], key=lambda r: r.seed)
         modalities = list(runs[0].modality_acc)
         rows.append(
             Summary(
                 method=method,
                 test_acc=_mean_std([r.test_acc for r in runs]),
                 modality_acc={m: _mean_std([r.modality_acc[m] for r in runs]) for m in modalities},
-                relative_step_time=statistics.median([r.step_time for r in runs]) / base_time,
-                relative_fit_time=statistics.median([r.fit_time for r in runs]) / base_fit,
+                lrs=[r.lr for r in runs],
                 probe_acc={m: _mean_std([r.probe_acc[m] for r in runs]) for m in runs[0].probe_acc},
                 runs=runs,
             )
@@ -242,17 +295,22 @@ def summarize(results: Sequence[RunResult], reference: str = "baseline") -> list
     return rows
 
 
+def format_lrs(lrs: Sequence[float]) -> str:
+    """The chosen learning rates, one per seed: ``"0.01 (all)"`` when they agree, else ``"0.01, 0.03"``."""
+    if len(set(lrs)) == 1 and len(lrs) > 1:
+        return f"{lrs[0]:g} (all)"
+    return ", ".join(f"{lr:g}" for lr in lrs)
+
+
 def format_table(rows: Sequence[Summary]) -> str:
-    """A fixed-width text table: fused and per-modality test accuracy (mean +- std, %), relative step and fit time."""
+    """A fixed-width text table: fused and per-modality test accuracy (mean +- std, %) and the chosen lrs."""
     modalities = list(rows[0].modality_acc) if rows else []
-    header = ["method", "fused acc", *(f"{m} acc" for m in modalities), "step time", "fit time", "seeds"]
+    header = ["method", "fused acc", *(f"{m} acc" for m in modalities), "lr per seed", "seeds"]
     lines = [header]
     for r in rows:
         cells = [f"{100 * r.test_acc[0]:.1f} ± {100 * r.test_acc[1]:.1f}"]
         cells += [f"{100 * r.modality_acc[m][0]:.1f} ± {100 * r.modality_acc[m][1]:.1f}" for m in modalities]
-        lines.append(
-            [r.method, *cells, f"{r.relative_step_time:.2f}x", f"{r.relative_fit_time:.2f}x", str(len(r.runs))]
-        )
+        lines.append([r.method, *cells, format_lrs(r.lrs), str(len(r.runs))])
     widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
     text = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in lines]
     text.insert(1, "  ".join("-" * w for w in widths))

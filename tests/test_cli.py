@@ -18,33 +18,36 @@ from lightning_mmbalance.experiment import (
 from lightning_mmbalance.models import LateFusionClassifier
 
 
-def _result(method, seed, acc, step_time, probe=None, fit_time=1.0):
+def _result(method, seed, acc, lr, probe=None, warnings=()):
     return RunResult(
         method=method,
         seed=seed,
         test_acc=acc,
         modality_acc={"gray": acc / 2, "color": acc / 4},
         val_acc=acc,
-        step_time=step_time,
         best_epoch=0,
         log_dir="",
+        lr=lr,
         probe_acc=probe or {},
-        fit_time=fit_time,
+        warnings=list(warnings),
     )
 
 
 def test_compare_smoke(tmp_path, capsys):
     out = tmp_path / "runs"
-    code = main(["compare", "--methods", "ogm_ge", "baseline", "--seeds", "1", "--epochs", "1", "--output", str(out)])
-    assert code == 0
+    argv = ["compare", "--methods", "ogm_ge", "baseline", "--seeds", "1", "--epochs", "1", "--lrs", "0.01", "0.05"]
+    assert main([*argv, "--output", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "[ 1/2] ogm_ge" in printed and "[ 2/2] baseline" in printed  # progress
     table = (out / "summary.txt").read_text()
     assert table.index("baseline") < table.index("ogm_ge")  # table order is METHODS order
-    assert "1.00x" in table and table in printed
+    assert "lr per seed" in table and table in printed and "x " not in table  # no time columns
     assert (out / "summary.png").stat().st_size > 1000
     runs = json.loads((out / "results.json").read_text())
     assert {r["method"] for r in runs} == {"baseline", "ogm_ge"}
+    for r in runs:  # each learning rate was tried, and the chosen one has the best validation accuracy
+        assert set(r["grid"]) == {"0.01", "0.05"} and r["lr"] in (0.01, 0.05)
+        assert r["val_acc"] == max(r["grid"].values()) == r["grid"][str(r["lr"])]
     assert all(0 <= r["test_acc"] <= 1 and set(r["modality_acc"]) == {"gray", "color"} for r in runs)
     events = list((out / "cg-digits").rglob("events.out.tfevents.*"))
     assert {p.parent.parent.name for p in events} == {"baseline", "ogm_ge"}
@@ -54,6 +57,11 @@ def test_compare_smoke(tmp_path, capsys):
 def test_compare_rejects_non_positive(flag, capsys):
     assert main(["compare", flag, "0"]) == 2
     assert "--seeds and --epochs must be >= 1" in capsys.readouterr().err
+
+
+def test_compare_rejects_a_non_positive_learning_rate(capsys):
+    assert main(["compare", "--lrs", "0.01", "0"]) == 2
+    assert "every --lrs value must be > 0, got [0.01, 0.0]" in capsys.readouterr().err
 
 
 def test_compare_rejects_unknown_method():
@@ -95,11 +103,11 @@ def test_unknown_names():
     assert tuple(make_datamodule("synthetic3").modalities) == ("m0", "m1", "m2")
 
 
-def test_summarize_mean_std_and_relative_time():
+def test_summarize_mean_std_and_learning_rates():
     results = [
-        _result("ogm_ge", 0, 0.8, 0.03, {"gray": 0.5, "color": 0.4}, fit_time=3.0),
+        _result("ogm_ge", 1, 0.6, 0.03, {"gray": 0.7, "color": 0.4}, warnings=["w"]),
         _result("baseline", 0, 0.6, 0.01, {"gray": 0.3, "color": 0.9}),
-        _result("ogm_ge", 1, 0.6, 0.02, {"gray": 0.7, "color": 0.4}),
+        _result("ogm_ge", 0, 0.8, 0.01, {"gray": 0.5, "color": 0.4}),
         _result("baseline", 1, 0.7, 0.01, {"gray": 0.4, "color": 0.9}),
     ]
     base, ogm = summarize(results)
@@ -107,11 +115,11 @@ def test_summarize_mean_std_and_relative_time():
     assert ogm.test_acc[0] == pytest.approx(0.7) and ogm.test_acc[1] == pytest.approx(math.sqrt(0.02))
     assert ogm.modality_acc["gray"][0] == pytest.approx(0.35)
     assert ogm.probe_acc["gray"] == pytest.approx((0.6, math.sqrt(0.02)))
-    assert (base.relative_step_time, ogm.relative_step_time) == pytest.approx((1.0, 2.5))
-    assert ogm.relative_fit_time == pytest.approx(2.0)  # median of 3.0 and 1.0 over the baseline's 1.0
+    assert (base.lrs, ogm.lrs) == ([0.01, 0.01], [0.01, 0.03])  # in seed order
+    assert (base.warnings, ogm.warnings) == (0, 1)
     table = format_table([base, ogm])
-    assert "70.0 ± 14.1" in table and "2.50x" in table and "2.00x" in table
-    header = ["method", "fused", "acc", "gray", "acc", "color", "acc", "step", "time", "fit", "time", "seeds"]
+    assert "70.0 ± 14.1" in table and "0.01 (all)" in table and "0.01, 0.03" in table
+    header = ["method", "fused", "acc", "gray", "acc", "color", "acc", "lr", "per", "seed", "seeds"]
     assert table.splitlines()[0].split() == header
 
 

@@ -218,3 +218,14 @@ def test_training_data_must_be_one_loader():
         MisconfigurationException, match="ModalityMonitor needs the training data as one DataLoader, got"
     ):
         _fit([ModalityMonitor(linear_probe=True)], model=DictBatches(), data=Data(), max_epochs=1)
+
+
+def test_state_keeps_the_figure_history_and_loads_version_1():
+    mon = ModalityMonitor(masked_eval=False, shapley=False)
+    _fit([mon], max_steps=3, log_every_n_steps=1)
+    assert mon.history and all(len(points) == 3 for points in mon.history.values())
+    other = ModalityMonitor()
+    other.load_state_dict(mon.state_dict())
+    assert other.history == mon.history
+    other.load_state_dict({"version": 1})  # version-1 states carried no history
+    assert other.history == {}

@@ -364,3 +364,10 @@ def test_deepspeed_like_strategy_refused():
 
     with pytest.raises(MisconfigurationException, match="OGMGE does not support DeepSpeed"):
         OGMGE()._check_strategy(SimpleNamespace(strategy=DeepSpeedStrategy.__new__(DeepSpeedStrategy)))
+
+
+def test_noise_generator_is_reproducible():
+    cb = OGMGE()
+    a = torch.randn(3, generator=cb._generator(torch.device("cpu"), 5))
+    b = torch.randn(3, generator=cb._generator(torch.device("cpu"), 5))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)

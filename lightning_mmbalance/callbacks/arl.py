@@ -5,14 +5,15 @@ The math is in :mod:`lightning_mmbalance.functional.arl`; this module wires it i
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from lightning_mmbalance.callbacks.base import BalancingCallback, StepStatistics
+from lightning_mmbalance.callbacks.base import BalancingCallback, StepStatistics, fused_loss_gradients
 from lightning_mmbalance.contract import StepRecord
 from lightning_mmbalance.functional.arl import _arl_compute, _arl_update
 from lightning_mmbalance.utilities.checks import check_bool, check_float, check_int
@@ -88,6 +89,7 @@ class ARL(BalancingCallback):
         self.entropy_floor = float(entropy_floor)
         self.lagged = lagged
         self._stored: dict[str, float] | None = None
+        self._plain: list[Tensor] | None = None
 
     @property
     def state_key(self) -> str:
@@ -102,12 +104,33 @@ class ARL(BalancingCallback):
         gamma = 1.0 if self._in_warmup(trainer) else self.gamma
         return {"fused": 1.0, **dict.fromkeys(self.modalities, gamma)}
 
+    @property
+    def needs_retained_graph(self) -> bool:
+        """True: on logging steps the plain (fused-loss) gradient is taken before the backward, for ``step_ratio``."""
+        return True
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        """Add the micro-batch's statistics; on logging steps, also its fused-loss gradient on the encoders."""
+        record = self.take_record(pl_module)
+        self._accumulate(record)
+        if self.logs_this_step(trainer):
+            params = [p for m in self.modalities for p in self.encoder_parameters(m)]
+            grads = fused_loss_gradients(trainer, record.fused_loss, params)
+            plain = [torch.zeros_like(p) if g is None else g.detach() for g, p in zip(grads, params, strict=True)]
+            self._plain = plain if self._plain is None else list(torch._foreach_add(self._plain, plain))
+
     def step_statistics(self, record: StepRecord) -> dict[str, Tensor]:
         """Each modality's summed L1 norm of the unimodal logits and summed prediction entropy."""
         return _arl_update([record.output.unimodal_logits[m] for m in self.modalities])
 
+    def discard_step(self) -> None:
+        """Forget the skipped step's plain gradient."""
+        self._plain = None
+
     def on_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stats: StepStatistics) -> None:
         """Compute the step's coefficients and scale each encoder's gradient (or update) by ``1 + a_m``."""
+        plain, self._plain = self._plain, None
+        ratios = self._step_ratios(trainer, plain) if plain is not None else None
         n = len(self.modalities)
         state = _arl_compute(stats["abs_logit"], stats["entropy"], stats.count, self.temperature, self.entropy_floor)
         current = dict(zip(self.modalities, state.coefficient, strict=True))
@@ -128,6 +151,25 @@ class ARL(BalancingCallback):
                 "coefficient": applied,
             },
         )
+        if ratios is not None:
+            self.report_step_ratio(trainer, pl_module, {m: (1.0 + applied[m]) * r for m, r in ratios.items()})
+
+    def _step_ratios(self, trainer: pl.Trainer, plain: list[Tensor]) -> dict[str, float]:
+        """``||grad of ARL's loss|| / ||grad of L_f||`` per encoder, before ARL's ``1 + a_m`` (synchronised)."""
+        if trainer.world_size > 1:  # .grad is averaged over the ranks; average the plain gradient the same way
+            flat = trainer.strategy.reduce(torch.cat([g.flatten() for g in plain]), reduce_op="mean")
+            plain = list(torch.split(flat, [g.numel() for g in plain]))
+        norms, offset = [], 0
+        for m in self.modalities:
+            params = self.encoder_parameters(m)
+            grads = [p.grad for p in params if p.grad is not None]
+            norms += [_squared(grads), _squared(plain[offset : offset + len(params)])]
+            offset += len(params)
+        values = torch.stack(norms).tolist()
+        return {
+            m: math.sqrt(values[2 * i] / values[2 * i + 1]) if values[2 * i + 1] > 0 else 1.0
+            for i, m in enumerate(self.modalities)
+        }
 
     def _scale_encoders(self, coefficients: Mapping[str, float]) -> None:
         for m in self.modalities:
@@ -149,3 +191,10 @@ class ARL(BalancingCallback):
         super().load_state_dict(state_dict)
         stored = state_dict.get("stored_coefficients")
         self._stored = None if stored is None else dict(stored)
+
+
+def _squared(tensors: Sequence[Tensor]) -> Tensor:
+    """The float64 squared 2-norm of a list of tensors (a 0-dim tensor)."""
+    if not tensors:
+        return torch.zeros((), dtype=torch.float64)
+    return torch.stack([n.double() for n in torch._foreach_norm(list(tensors))]).square().sum()

@@ -31,7 +31,14 @@ from lightning_mmbalance.contract import MultimodalOutput, StepRecord, resolve_e
 from lightning_mmbalance.utilities.checks import check_choice
 from lightning_mmbalance.utilities.compile import allow_retained_graphs, release_retained_graphs
 
-__all__ = ["ADAPTIVE_OPTIMIZERS", "MODULATE_MODES", "BalancingCallback", "MultimodalCallback", "StepStatistics"]
+__all__ = [
+    "ADAPTIVE_OPTIMIZERS",
+    "MODULATE_MODES",
+    "BalancingCallback",
+    "MultimodalCallback",
+    "StepSizeWarning",
+    "StepStatistics",
+]
 
 ADAPTIVE_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (
     torch.optim.Adam,
@@ -48,6 +55,15 @@ ADAPTIVE_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (
 
 MODULATE_MODES = ("gradient", "update")
 GRADIENT_ACTIONS = ("scale", "replace")
+DIVERGENCE_GROWTH = 4.0
+"""The step-size warning fires when an encoder's weight norm exceeds this multiple of its norm at the start."""
+
+
+class StepSizeWarning(UserWarning):
+    """A balancing callback enlarges an encoder's steps and that encoder's weights run away (see ``report_step_ratio``).
+
+    Filter it like any warning: ``warnings.filterwarnings("ignore", category=StepSizeWarning)``.
+    """
 
 
 @dataclass(frozen=True)
@@ -391,6 +407,8 @@ class BalancingCallback(MultimodalCallback):
         self.modulate = modulate
         self._pending: list[tuple[Tensor, Tensor, float]] = []
         self._step_hooks: list[RemovableHandle] = []
+        self._initial_norms: dict[str, float] = {}
+        self._warned: set[str] = set()
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """The checks of :class:`MultimodalCallback`, then the composition rules."""
@@ -403,8 +421,10 @@ class BalancingCallback(MultimodalCallback):
         return None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Collect the encoder parameters; hook the optimizers (update mode) or warn about adaptive ones."""
+        """Collect the encoder parameters and their norms; hook the optimizers (update mode) or warn about Adam."""
         super().on_train_start(trainer, pl_module)
+        self._initial_norms = {m: float(_norm(self.encoder_parameters(m), pl_module.device)) for m in self.modalities}
+        self._warned = set()
         self._remove_step_hooks()
         if self.modulate == "update":
             self._step_hooks = [opt.register_step_post_hook(self._after_optimizer_step) for opt in trainer.optimizers]
@@ -433,6 +453,31 @@ class BalancingCallback(MultimodalCallback):
         included. Scalings scheduled by several callbacks multiply, in any order.
         """
         self._pending.extend((p, p.detach().clone(), float(f)) for p, f in zip(params, factors, strict=True) if f != 1)
+
+    def report_step_ratio(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, ratios: Mapping[str, float]
+    ) -> None:
+        """Log ``step_ratio/<m>`` and warn once per modality if its encoder looks like it is diverging.
+
+        ``ratios[m]`` is the norm of encoder ``m``'s gradient as this callback leaves it (the update it scales, in
+        update mode) over the norm a plain step would have had. Call it on logging steps (:meth:`logs_this_step`).
+        The divergence test: the encoder's weight norm exceeds ``DIVERGENCE_GROWTH`` (4) times its norm at the start
+        of the fit, while the callback enlarges its steps (``ratios[m] > 1``). The warning
+        (:class:`StepSizeWarning`) names the callback, the modality and the remedy, at the step it happens.
+        """
+        self.log_values(pl_module, {"step_ratio": dict(ratios)}, cadence_checked=True)
+        norms = torch.stack([_norm(self.encoder_parameters(m), pl_module.device) for m in self.modalities]).tolist()
+        for m, norm in zip(self.modalities, norms, strict=True):
+            start = self._initial_norms.get(m, 0.0)
+            if m not in self._warned and start > 0 and norm > DIVERGENCE_GROWTH * start and ratios[m] > 1:
+                self._warned.add(m)
+                rank_zero_warn(
+                    f"{self.name}: the weight norm of the {m!r} encoder grew {norm / start:.1f}x since the start of "
+                    f"training ({start:.3g} -> {norm:.3g}, step {trainer.global_step}) while {self.name} makes its "
+                    f"steps {ratios[m]:.2g}x those of a plain step: the encoder may be diverging. Lower the learning "
+                    "rate (a rule of thumb is in the method's page under docs/), or the method's strength.",
+                    category=StepSizeWarning,
+                )
 
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if not self._pending:
@@ -482,6 +527,33 @@ def _check_composition(trainer: pl.Trainer) -> None:
             f"would depend on the callbacks' order. Use {replacing[0]} alone, or a gradient scaler such as OGMGE "
             "together with a loss-weighting method other than it (see the composition table in the README)."
         )
+
+
+def _norm(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
+    """The float64 2-norm of a list of tensors (a 0-dim tensor; 0 on ``device`` for an empty list)."""
+    if not tensors:
+        return torch.zeros((), dtype=torch.float64, device=device)
+    return torch.stack([n.double() for n in torch._foreach_norm([t.detach() for t in tensors])]).norm()
+
+
+def loss_scale(trainer: pl.Trainer) -> Tensor | float:
+    """The GradScaler's current scale under 16-mixed (a tensor, no device sync), else 1."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    scale = getattr(scaler, "_scale", None)
+    return scale if scale is not None else 1.0
+
+
+def fused_loss_gradients(trainer: pl.Trainer, fused_loss: Tensor, params: Sequence[Tensor]) -> list[Tensor | None]:
+    """The gradient of the fused loss on ``params`` as Lightning's backward would add it to ``.grad``.
+
+    Taken with ``torch.autograd.grad(..., retain_graph=True)`` (call it in ``on_before_backward``), divided by
+    ``accumulate_grad_batches`` as Lightning divides the loss, with the AMP scale undone. None where the loss does not
+    reach a parameter.
+    """
+    scale = loss_scale(trainer)
+    grads = torch.autograd.grad(fused_loss * scale, list(params), retain_graph=True, allow_unused=True)
+    inverse = 1.0 / (scale * trainer.accumulate_grad_batches)
+    return [None if g is None else g * inverse for g in grads]
 
 
 def _step_is_finite(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> bool:

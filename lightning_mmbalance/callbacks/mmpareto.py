@@ -13,7 +13,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from lightning_mmbalance.callbacks.base import BalancingCallback, StepStatistics
+from lightning_mmbalance.callbacks.base import BalancingCallback, StepStatistics, loss_scale
 from lightning_mmbalance.functional.mmpareto import _mmpareto_tensor_factors, _MMParetoProducts
 from lightning_mmbalance.utilities.checks import check_float
 
@@ -113,7 +113,7 @@ class MMPareto(BalancingCallback):
         """Add this micro-batch's fused-loss gradient on the encoders, normalised as Lightning normalises ``loss``."""
         record = self.take_record(pl_module)
         params = [p for m in self.modalities for p in self.encoder_parameters(m)]
-        scale = _loss_scale(trainer)
+        scale = loss_scale(trainer)
         grads = torch.autograd.grad(record.fused_loss * scale, params, retain_graph=True, allow_unused=True)
         present = [(b, g) for b, g in zip(self._all_buffers(), grads, strict=True) if g is not None]
         if present:
@@ -146,6 +146,7 @@ class MMPareto(BalancingCallback):
         weights = {m: row.weights() for m, row in products.items()}
         plan = self._form_directions(weights)
         logs: dict[str, dict[str, float]] = {"cos": {}, "w_mm": {}, "conflict": {}, "grad_norm_ratio": {}}
+        step_ratio: dict[str, float] = {}
         for m, (params, ns, factors, plain_sq, final_sq) in plan.items():
             # the buffer holds h = n / 2, or the plain sum where guarded: one fused multiply-and-write per tensor
             if self.modulate == "update":  # .grad = n; the update is scaled by the factor after the step
@@ -159,8 +160,11 @@ class MMPareto(BalancingCallback):
             logs["w_mm"][m] = weights[m][0]
             logs["conflict"][m] = float(products[m].conflict)
             logs["grad_norm_ratio"][m] = math.sqrt(final_sq / plain_sq) if plain_sq > 0 else 1.0
+            step_ratio[m] = math.sqrt(final_sq / products[m].v11) if products[m].v11 > 0 else 1.0
         g_mm.zero_()
-        self.log_values(pl_module, logs)
+        if self.logs_this_step(trainer):
+            self.log_values(pl_module, logs, cadence_checked=True)
+            self.report_step_ratio(trainer, pl_module, step_ratio)
 
     def _encoder_products(self) -> dict[str, _MMParetoProducts]:
         """Write ``g_u = .grad - g_mm`` into row 1, then [v11, v12, v22] per encoder."""
@@ -217,10 +221,3 @@ class MMPareto(BalancingCallback):
             )
             plan[m] = (params, ns, factors, float(sum(s * s for s in totals)), float(final_sq))
         return plan
-
-
-def _loss_scale(trainer: pl.Trainer) -> Tensor | float:
-    """The GradScaler's current scale under 16-mixed (a tensor, no device sync), else 1."""
-    scaler = getattr(trainer.precision_plugin, "scaler", None)
-    scale = getattr(scaler, "_scale", None)
-    return scale if scale is not None else 1.0

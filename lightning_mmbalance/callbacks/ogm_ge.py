@@ -5,6 +5,7 @@ The math is in :mod:`lightning_mmbalance.functional.ogm_ge`; this module wires i
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 
 import lightning.pytorch as pl
@@ -102,6 +103,7 @@ class OGMGE(BalancingCallback):
         self._filter = _FILTERS[param_filter] if isinstance(param_filter, str) else param_filter
         self._selected_names: dict[str, list[str]] = {}
         self._selected: dict[str, list[nn.Parameter]] = {}
+        self._unselected: dict[str, list[nn.Parameter]] = {}
         self._generators: dict[torch.device, torch.Generator] = {}
 
     @property
@@ -140,6 +142,8 @@ class OGMGE(BalancingCallback):
             optimised = {id(p) for p in self.encoder_parameters(modality)}
             wanted = set(self._selected_names[modality])
             self._selected[modality] = [p for n, p in encoder.named_parameters() if n in wanted and id(p) in optimised]
+            chosen = {id(p) for p in self._selected[modality]}
+            self._unselected[modality] = [p for p in self.encoder_parameters(modality) if id(p) not in chosen]
 
     def step_statistics(self, record: StepRecord) -> dict[str, Tensor]:
         """The summed true-class probability of each modality."""
@@ -152,11 +156,41 @@ class OGMGE(BalancingCallback):
         ratios = _ogm_ratio_compute(scores)
         coefficients = _ogm_coefficient_compute(ratios, self.alpha)
         applied = dict.fromkeys(self.modalities, 1.0)
+        logging = self.logs_this_step(trainer)
+        before = self._squared_norms() if logging else None
         if self._in_window(trainer.current_epoch):
             applied = coefficients
             self._apply(trainer, pl_module, coefficients)
-        score_means = dict(zip(self.modalities, stats.mean("score"), strict=True))
-        self.log_values(pl_module, {"score": score_means, "ratio": ratios, "coefficient": applied})
+        if logging and before is not None:
+            score_means = dict(zip(self.modalities, stats.mean("score"), strict=True))
+            values = {"score": score_means, "ratio": ratios, "coefficient": applied}
+            self.log_values(pl_module, values, cadence_checked=True)
+            self.report_step_ratio(trainer, pl_module, self._step_ratios(before, applied))
+
+    def _squared_norms(self) -> Tensor:
+        """Per modality: the squared norms of the selected and of the other encoder gradients, ``(M, 2)``."""
+        rows = []
+        for m in self.modalities:
+            pair = []
+            for params in (self._selected[m], self._unselected[m]):
+                grads = [p.grad for p in params if p.grad is not None]
+                norms = torch._foreach_norm(grads) if grads else []
+                pair.append(sum((n.double() ** 2 for n in norms), torch.zeros((), dtype=torch.float64)))
+            rows.append(torch.stack([v.to(pair[0].device) for v in pair]))
+        return torch.stack(rows)
+
+    def _step_ratios(self, before: Tensor, coefficients: Mapping[str, float]) -> dict[str, float]:
+        """Norm of each encoder's gradient after the callback (its effective update, in update mode) over before."""
+        after = self._squared_norms()[:, 0]
+        values = torch.cat([before.flatten().to(after.device), after]).tolist()
+        ratios = {}
+        for i, m in enumerate(self.modalities):
+            selected, others, selected_after = values[2 * i], values[2 * i + 1], values[2 * len(self.modalities) + i]
+            if self.modulate == "update":  # the update of the selected tensors is scaled by k after the step
+                selected_after *= coefficients[m] ** 2
+            total = selected + others
+            ratios[m] = math.sqrt((selected_after + others) / total) if total > 0 else 1.0
+        return ratios
 
     def _in_window(self, epoch: int) -> bool:
         return self.modulation_starts <= epoch and (self.modulation_ends is None or epoch <= self.modulation_ends)
