@@ -136,10 +136,10 @@ class CaptureCallback(MMPareto):
         self.products = []
         self.g_mm = None
 
-    def _encoder_products(self):
+    def _encoder_products(self, trainer):
         assert self._buf is not None
         self.g_mm = self._buf[0].clone()
-        out = super()._encoder_products()
+        out = super()._encoder_products(trainer)
         self.products.append(out)
         return out
 

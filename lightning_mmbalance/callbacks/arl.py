@@ -6,7 +6,7 @@ The math is in :mod:`lightning_mmbalance.functional.arl`; this module wires it i
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -17,6 +17,7 @@ from lightning_mmbalance.callbacks.base import BalancingCallback, StepStatistics
 from lightning_mmbalance.contract import StepRecord
 from lightning_mmbalance.functional.arl import _arl_compute, _arl_update
 from lightning_mmbalance.utilities.checks import check_bool, check_float, check_int
+from lightning_mmbalance.utilities.distributed import global_sums, squared_norm
 
 __all__ = ["ARL"]
 
@@ -115,7 +116,7 @@ class ARL(BalancingCallback):
         self._accumulate(record)
         if self.logs_this_step(trainer):
             params = [p for m in self.modalities for p in self.encoder_parameters(m)]
-            grads = fused_loss_gradients(trainer, record.fused_loss, params)
+            grads = fused_loss_gradients(trainer, record.fused_loss, params, self.encoder_outputs())
             plain = [torch.zeros_like(p) if g is None else g.detach() for g, p in zip(grads, params, strict=True)]
             self._plain = plain if self._plain is None else list(torch._foreach_add(self._plain, plain))
 
@@ -156,16 +157,17 @@ class ARL(BalancingCallback):
 
     def _step_ratios(self, trainer: pl.Trainer, plain: list[Tensor]) -> dict[str, float]:
         """``||grad of ARL's loss|| / ||grad of L_f||`` per encoder, before ARL's ``1 + a_m`` (synchronised)."""
-        if trainer.world_size > 1:  # .grad is averaged over the ranks; average the plain gradient the same way
+        if trainer.world_size > 1 and not self.sharded:  # DDP averages .grad over the ranks: do the same here
             flat = trainer.strategy.reduce(torch.cat([g.flatten() for g in plain]), reduce_op="mean")
             plain = list(torch.split(flat, [g.numel() for g in plain]))
+        device = trainer.strategy.root_device
         norms, offset = [], 0
         for m in self.modalities:
             params = self.encoder_parameters(m)
             grads = [p.grad for p in params if p.grad is not None]
-            norms += [_squared(grads), _squared(plain[offset : offset + len(params)])]
+            norms += [squared_norm(grads, device), squared_norm(plain[offset : offset + len(params)], device)]
             offset += len(params)
-        values = torch.stack(norms).tolist()
+        values = global_sums(trainer, torch.stack(norms), self.sharded)
         return {
             m: math.sqrt(values[2 * i] / values[2 * i + 1]) if values[2 * i + 1] > 0 else 1.0
             for i, m in enumerate(self.modalities)
@@ -191,10 +193,3 @@ class ARL(BalancingCallback):
         super().load_state_dict(state_dict)
         stored = state_dict.get("stored_coefficients")
         self._stored = None if stored is None else dict(stored)
-
-
-def _squared(tensors: Sequence[Tensor]) -> Tensor:
-    """The float64 squared 2-norm of a list of tensors (a 0-dim tensor)."""
-    if not tensors:
-        return torch.zeros((), dtype=torch.float64)
-    return torch.stack([n.double() for n in torch._foreach_norm(list(tensors))]).square().sum()

@@ -30,6 +30,7 @@ from torch.utils.hooks import RemovableHandle
 from lightning_mmbalance.contract import MultimodalOutput, StepRecord, resolve_encoders
 from lightning_mmbalance.utilities.checks import check_choice
 from lightning_mmbalance.utilities.compile import allow_retained_graphs, release_retained_graphs
+from lightning_mmbalance.utilities.distributed import global_sums, is_sharded, local, squared_norm
 
 __all__ = [
     "ADAPTIVE_OPTIMIZERS",
@@ -125,6 +126,8 @@ class MultimodalCallback(Callback):
     requires_features: ClassVar[bool] = False
     requires_encoder_parameters: ClassVar[bool] = True
     supports_manual_optimization: ClassVar[bool] = False
+    supports_sharding: ClassVar[bool] = True
+    """Whether the callback works under FSDP2 (``ModelParallelStrategy`` with ``fully_shard``)."""
     state_version: ClassVar[int] = 1
     """Version of :meth:`state_dict`; checkpoints of any version from 1 to this one load."""
 
@@ -146,6 +149,9 @@ class MultimodalCallback(Callback):
         self._sums: dict[str, Tensor] = {}
         self._count = 0.0
         self._output_checked = False
+        self.sharded = False
+        self._encoder_outputs: dict[str, Tensor] = {}
+        self._output_hooks: list[RemovableHandle] = []
 
     # ------------------------------------------------------------------ read-only views
     @property
@@ -187,6 +193,9 @@ class MultimodalCallback(Callback):
         if stage != "fit":
             return
         self._check_strategy(trainer)
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        self.sharded = isinstance(trainer.strategy, ModelParallelStrategy)
         if not pl_module.automatic_optimization and not self.supports_manual_optimization:
             raise MisconfigurationException(
                 f"{self.name} does not support manual optimization (`automatic_optimization = False` in "
@@ -203,8 +212,12 @@ class MultimodalCallback(Callback):
             allow_retained_graphs(self)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Give back the process-wide compile setting taken in ``setup``."""
+        """Give back the process-wide compile setting taken in ``setup``; remove the encoder-output hooks."""
         release_retained_graphs(self)
+        for handle in self._output_hooks:
+            handle.remove()
+        self._output_hooks = []
+        self._encoder_outputs = {}
 
     def _check_strategy(self, trainer: pl.Trainer) -> None:
         from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
@@ -213,13 +226,24 @@ class MultimodalCallback(Callback):
         if isinstance(strategy, DeepSpeedStrategy):
             raise MisconfigurationException(
                 f"{self.name} does not support DeepSpeed: DeepSpeed partitions and owns the gradients. Use "
-                "`strategy='ddp'` (or 'ddp_spawn' / 'ddp_fork') instead."
+                "`strategy='ddp'`, or `ModelParallelStrategy` (FSDP2) for sharded training."
             )
-        if isinstance(strategy, FSDPStrategy | ModelParallelStrategy):
+        if isinstance(strategy, FSDPStrategy):
             raise MisconfigurationException(
-                f"{self.name} does not support {type(strategy).__name__}: it needs whole (unsharded) encoder "
-                "gradients. Use `strategy='ddp'` instead."
+                f"{self.name} does not support FSDPStrategy (FSDP1): its gradients are flat pieces of parameters. For "
+                "sharded training use `ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)` and shard "
+                "each encoder, then the module, with `fully_shard` in `configure_model` (FSDP2; see docs/sharded.md)."
             )
+        if isinstance(strategy, ModelParallelStrategy):
+            if not self.supports_sharding:
+                raise MisconfigurationException(f"{self.name} does not support ModelParallelStrategy (FSDP2).")
+            mesh = getattr(strategy, "_device_mesh", None)
+            tensor_parallel = mesh["tensor_parallel"].size() if mesh is not None else 1
+            if tensor_parallel > 1:
+                raise MisconfigurationException(
+                    f"{self.name} supports ModelParallelStrategy for data-parallel sharding only "
+                    f"(`tensor_parallel_size=1`), got a tensor-parallel size of {tensor_parallel}."
+                )
 
     def check_output(self, output: MultimodalOutput) -> None:
         """Check that the module's output carries what this callback needs (``multimodal_loss`` calls it once).
@@ -243,12 +267,25 @@ class MultimodalCallback(Callback):
         self._output_checked = True
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Collect each encoder's optimised parameters."""
+        """Collect each encoder's optimised parameters (and, under FSDP2, watch the encoders' outputs if needed)."""
         optimised = {id(p) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
         self._params = {
             m: [p for p in enc.parameters() if p.requires_grad and id(p) in optimised]
             for m, enc in self._encoders.items()
         }
+        if self.sharded and self.needs_retained_graph and not self._output_hooks:
+            self._output_hooks = [enc.register_forward_hook(self._keep_output(m)) for m, enc in self._encoders.items()]
+
+    def _keep_output(self, modality: str) -> Any:
+        def keep(module: nn.Module, args: Any, output: Any) -> None:
+            if torch.is_grad_enabled() and isinstance(output, Tensor):
+                self._encoder_outputs[modality] = output
+
+        return keep
+
+    def encoder_outputs(self) -> list[Tensor]:
+        """The encoders' outputs of the current training forward (kept under FSDP2 only, for second gradients)."""
+        return [self._encoder_outputs[m] for m in self.modalities if m in self._encoder_outputs]
 
     # ------------------------------------------------------------------ the micro-batch record
     def receive_record(self, record: StepRecord) -> None:
@@ -296,7 +333,7 @@ class MultimodalCallback(Callback):
         """Reduce the step's statistics across ranks and call :meth:`on_step`, unless the GradScaler skips the step."""
         sums, count = self._sums, self._count
         self._sums, self._count = {}, 0.0
-        if not _step_is_finite(trainer, optimizer):
+        if not _step_is_finite(trainer, optimizer, self.sharded):
             self.discard_step()
             return
         stats = _reduce(trainer, sums, count)
@@ -423,7 +460,7 @@ class BalancingCallback(MultimodalCallback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Collect the encoder parameters and their norms; hook the optimizers (update mode) or warn about Adam."""
         super().on_train_start(trainer, pl_module)
-        self._initial_norms = {m: float(_norm(self.encoder_parameters(m), pl_module.device)) for m in self.modalities}
+        self._initial_norms = dict(zip(self.modalities, self._encoder_norms(trainer, pl_module), strict=True))
         self._warned = set()
         self._remove_step_hooks()
         if self.modulate == "update":
@@ -466,8 +503,7 @@ class BalancingCallback(MultimodalCallback):
         (:class:`StepSizeWarning`) names the callback, the modality and the remedy, at the step it happens.
         """
         self.log_values(pl_module, {"step_ratio": dict(ratios)}, cadence_checked=True)
-        norms = torch.stack([_norm(self.encoder_parameters(m), pl_module.device) for m in self.modalities]).tolist()
-        for m, norm in zip(self.modalities, norms, strict=True):
+        for m, norm in zip(self.modalities, self._encoder_norms(trainer, pl_module), strict=True):
             start = self._initial_norms.get(m, 0.0)
             if m not in self._warned and start > 0 and norm > DIVERGENCE_GROWTH * start and ratios[m] > 1:
                 self._warned.add(m)
@@ -478,6 +514,11 @@ class BalancingCallback(MultimodalCallback):
                     "rate (a rule of thumb is in the method's page under docs/), or the method's strength.",
                     category=StepSizeWarning,
                 )
+
+    def _encoder_norms(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[float]:
+        """Each encoder's weight norm (its trained parameters), global under sharding: one collective at most."""
+        squares = torch.stack([squared_norm(self.encoder_parameters(m), pl_module.device) for m in self.modalities])
+        return [math.sqrt(v) for v in global_sums(trainer, squares, self.sharded)]
 
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if not self._pending:
@@ -529,13 +570,6 @@ def _check_composition(trainer: pl.Trainer) -> None:
         )
 
 
-def _norm(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
-    """The float64 2-norm of a list of tensors (a 0-dim tensor; 0 on ``device`` for an empty list)."""
-    if not tensors:
-        return torch.zeros((), dtype=torch.float64, device=device)
-    return torch.stack([n.double() for n in torch._foreach_norm([t.detach() for t in tensors])]).norm()
-
-
 def loss_scale(trainer: pl.Trainer) -> Tensor | float:
     """The GradScaler's current scale under 16-mixed (a tensor, no device sync), else 1."""
     scaler = getattr(trainer.precision_plugin, "scaler", None)
@@ -543,24 +577,59 @@ def loss_scale(trainer: pl.Trainer) -> Tensor | float:
     return scale if scale is not None else 1.0
 
 
-def fused_loss_gradients(trainer: pl.Trainer, fused_loss: Tensor, params: Sequence[Tensor]) -> list[Tensor | None]:
-    """The gradient of the fused loss on ``params`` as Lightning's backward would add it to ``.grad``.
+def fused_loss_gradients(
+    trainer: pl.Trainer, loss: Tensor, params: Sequence[Tensor], encoder_outputs: Sequence[Tensor] = ()
+) -> list[Tensor | None]:
+    """The gradient of ``loss`` on ``params`` (encoder parameters) as Lightning's backward would add it to ``.grad``.
 
-    Taken with ``torch.autograd.grad(..., retain_graph=True)`` (call it in ``on_before_backward``), divided by
-    ``accumulate_grad_batches`` as Lightning divides the loss, with the AMP scale undone. None where the loss does not
-    reach a parameter.
+    Call it in ``on_before_backward``, while the graph is alive. The gradient is divided by
+    ``accumulate_grad_batches`` as Lightning divides the loss, with the AMP scale undone; None where the loss does
+    not reach a parameter.
+
+    - Replicated parameters (one device, DDP): ``torch.autograd.grad(..., retain_graph=True)``, the rank's own
+      gradient (the caller averages it over ranks).
+    - Sharded parameters (FSDP2): ``autograd.grad`` cannot differentiate with respect to them. The gradient of
+      ``loss`` with respect to ``encoder_outputs`` (the encoders' output tensors of this forward) is taken first, then
+      a backward of the encoders alone with it, with every ``.grad`` set aside and put back afterwards. FSDP2
+      reduce-scatters that backward, so the result is each rank's shard of the gradient averaged over ranks, like
+      ``.grad`` itself. Going through the encoders only keeps the backward away from the parameters of the root
+      module (the heads), whose gradient FSDP2 would otherwise fold into the step's own backward.
     """
     scale = loss_scale(trainer)
-    grads = torch.autograd.grad(fused_loss * scale, list(params), retain_graph=True, allow_unused=True)
     inverse = 1.0 / (scale * trainer.accumulate_grad_batches)
+    if any(is_sharded(p) for p in params):
+        grads = _encoder_gradients_by_backward(trainer, loss * scale, params, encoder_outputs)
+    else:
+        grads = list(torch.autograd.grad(loss * scale, list(params), retain_graph=True, allow_unused=True))
     return [None if g is None else g * inverse for g in grads]
 
 
-def _step_is_finite(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> bool:
+def _encoder_gradients_by_backward(
+    trainer: pl.Trainer, loss: Tensor, params: Sequence[Tensor], outputs: Sequence[Tensor]
+) -> list[Tensor | None]:
+    if not outputs:
+        raise RuntimeError("Under FSDP2 the encoders' outputs are needed to take a second gradient; none were seen.")
+    upstream = torch.autograd.grad(loss, list(outputs), retain_graph=True, allow_unused=True)
+    reached = [(o, g) for o, g in zip(outputs, upstream, strict=True) if g is not None]
+    everything = [p for p in trainer.lightning_module.parameters() if p.requires_grad]
+    kept = [p.grad for p in everything]
+    for p in everything:
+        p.grad = None
+    try:
+        if reached:
+            torch.autograd.backward([o for o, _ in reached], [g for _, g in reached], retain_graph=True)
+        return [None if p.grad is None else p.grad.detach() for p in params]
+    finally:
+        for p, grad in zip(everything, kept, strict=True):
+            p.grad = grad
+
+
+def _step_is_finite(trainer: pl.Trainer, optimizer: torch.optim.Optimizer, sharded: bool) -> bool:
     """False on a step that the precision plugin's GradScaler will skip; True without a GradScaler.
 
     The scaler has already unscaled the gradients and recorded whether it found an inf or NaN (identical on every
-    rank, after DDP's all-reduce); that finding is read instead of another pass over the gradients.
+    rank after DDP's all-reduce); that finding is read instead of another pass over the gradients. Under sharding each
+    rank checked its shards only, so the ranks' findings are combined (one collective).
     """
     scaler = getattr(trainer.precision_plugin, "scaler", None)
     if scaler is None:
@@ -568,9 +637,14 @@ def _step_is_finite(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> bo
     state = getattr(scaler, "_per_optimizer_states", {}).get(id(optimizer), {})
     found = state.get("found_inf_per_device") if isinstance(state, dict) else None
     if found:
-        return not any(bool(v.item()) for v in found.values())
-    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    return not grads or bool(torch.stack([n.float() for n in torch._foreach_norm(grads)]).isfinite().all())
+        flag = torch.stack([v.float().reshape(()) for v in found.values()]).max()
+    else:
+        grads = [local(p.grad) for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norms = torch._foreach_norm([g for g in grads if g.numel()])
+        flag = (~torch.stack([n.float() for n in norms]).isfinite()).any().float() if norms else torch.zeros(())
+    if sharded and trainer.world_size > 1:
+        flag = trainer.strategy.reduce(flag, reduce_op="max")
+    return not bool(flag)
 
 
 def _reduce(trainer: pl.Trainer, sums: Mapping[str, Tensor], count: float) -> StepStatistics:

@@ -14,6 +14,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader
@@ -162,6 +163,15 @@ class GradientBlending(BalancingCallback):
         return self.weights
 
     # ------------------------------------------------------------------ hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """The checks of every callback; the copies estimator needs a module that can be copied (not sharded)."""
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit" and self.sharded and self.estimator == "copies":
+            raise MisconfigurationException(
+                "GradientBlending(estimator='copies') trains copies of the module, and a module sharded with FSDP2 "
+                "cannot be copied. Use `GradientBlending(estimator='joint')`, which measures the main model itself."
+            )
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Check that a held-out validation loader and a single training DataLoader exist."""
         super().on_train_start(trainer, pl_module)

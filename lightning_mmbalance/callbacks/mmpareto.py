@@ -13,9 +13,10 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from lightning_mmbalance.callbacks.base import BalancingCallback, StepStatistics, loss_scale
+from lightning_mmbalance.callbacks.base import BalancingCallback, StepStatistics, fused_loss_gradients, loss_scale
 from lightning_mmbalance.functional.mmpareto import _mmpareto_tensor_factors, _MMParetoProducts
 from lightning_mmbalance.utilities.checks import check_float
+from lightning_mmbalance.utilities.distributed import global_sums, local
 
 __all__ = ["MMPareto"]
 
@@ -91,28 +92,35 @@ class MMPareto(BalancingCallback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Allocate one ``(2, N)`` buffer for ``g_mm`` and ``g_u``, viewed per encoder tensor (at least float32)."""
         super().on_train_start(trainer, pl_module)
-        params = [p for m in self.modalities for p in self.encoder_parameters(m)]
+        params = [local(p) for m in self.modalities for p in self.encoder_parameters(m)]  # a rank's shards under FSDP2
         dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
         self._buf = torch.zeros(2, sum(p.numel() for p in params), dtype=dtype, device=params[0].device)
         offset = 0
         for m in self.modalities:
             start = offset
             for p in self.encoder_parameters(m):
-                offset += p.numel()
+                offset += local(p).numel()
             self._slices[m] = slice(start, offset)
             self._g_mm[m], self._g_u[m] = (self._views(row, start, m) for row in self._buf)
 
     def _views(self, row: Tensor, offset: int, modality: str) -> list[Tensor]:
         views = []
         for p in self.encoder_parameters(modality):
-            views.append(row[offset : offset + p.numel()].view_as(p))
-            offset += p.numel()
+            shard = local(p)
+            views.append(row[offset : offset + shard.numel()].view_as(shard))
+            offset += shard.numel()
         return views
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
         """Add this micro-batch's fused-loss gradient on the encoders, normalised as Lightning normalises ``loss``."""
         record = self.take_record(pl_module)
         params = [p for m in self.modalities for p in self.encoder_parameters(m)]
+        if self.sharded:  # a backward of the fused loss (FSDP2 reduce-scatters it): already averaged over ranks
+            sharded = fused_loss_gradients(trainer, record.fused_loss, params, self.encoder_outputs())
+            present_shards = [(b, local(g)) for b, g in zip(self._all_buffers(), sharded, strict=True) if g is not None]
+            if present_shards:
+                torch._foreach_add_([b for b, _ in present_shards], [g for _, g in present_shards])
+            return
         scale = loss_scale(trainer)
         grads = torch.autograd.grad(record.fused_loss * scale, params, retain_graph=True, allow_unused=True)
         present = [(b, g) for b, g in zip(self._all_buffers(), grads, strict=True) if g is not None]
@@ -137,14 +145,14 @@ class MMPareto(BalancingCallback):
         """Replace each encoder's gradient by its Pareto combination (or schedule the update scaling)."""
         assert self._buf is not None
         g_mm = self._buf[0]
-        if trainer.world_size > 1:
+        if trainer.world_size > 1 and not self.sharded:
             g_mm.copy_(trainer.strategy.reduce(g_mm, reduce_op="mean"))
-        products = self._encoder_products()
+        products = self._encoder_products(trainer)
         if not all(math.isfinite(v) for row in products.values() for v in (row.v11, row.v12, row.v22)):
             g_mm.zero_()
             return
         weights = {m: row.weights() for m, row in products.items()}
-        plan = self._form_directions(weights)
+        plan = self._form_directions(trainer, weights)
         logs: dict[str, dict[str, float]] = {"cos": {}, "w_mm": {}, "conflict": {}, "grad_norm_ratio": {}}
         step_ratio: dict[str, float] = {}
         for m, (params, ns, factors, plain_sq, final_sq) in plan.items():
@@ -155,7 +163,7 @@ class MMPareto(BalancingCallback):
             else:  # .grad = factor * n
                 scales = [f if guarded else 2 * f for f, guarded in factors]
             for p, h, scale in zip(params, ns, scales, strict=True):
-                torch.mul(h, scale, out=p.grad)
+                torch.mul(h, scale, out=local(p.grad))  # type: ignore[arg-type]
             logs["cos"][m] = products[m].cos
             logs["w_mm"][m] = weights[m][0]
             logs["conflict"][m] = float(products[m].conflict)
@@ -166,24 +174,25 @@ class MMPareto(BalancingCallback):
             self.log_values(pl_module, logs, cadence_checked=True)
             self.report_step_ratio(trainer, pl_module, step_ratio)
 
-    def _encoder_products(self) -> dict[str, _MMParetoProducts]:
-        """Write ``g_u = .grad - g_mm`` into row 1, then [v11, v12, v22] per encoder."""
+    def _encoder_products(self, trainer: pl.Trainer) -> dict[str, _MMParetoProducts]:
+        """Write ``g_u = .grad - g_mm`` into row 1, then [v11, v12, v22] per encoder (summed over shards)."""
         assert self._buf is not None
         for m in self.modalities:
             for p, n, u in zip(self.encoder_parameters(m), self._g_mm[m], self._g_u[m], strict=True):
                 if p.grad is None:
                     torch.neg(n, out=u)
                 else:
-                    torch.sub(p.grad, n, out=u)
+                    torch.sub(local(p.grad), n, out=u)
         rows = []
         for m in self.modalities:
             g_mm, g_u = self._buf[0, self._slices[m]], self._buf[1, self._slices[m]]
-            rows.append(torch.stack([g_mm @ g_mm, g_mm @ g_u, g_u @ g_u]))
-        values = torch.stack(rows).tolist()  # the step's one device sync
+            rows.append(torch.stack([g_mm @ g_mm, g_mm @ g_u, g_u @ g_u]).double())
+        flat = global_sums(trainer, torch.stack(rows).flatten(), self.sharded)  # the step's one device sync
+        values = [flat[3 * i : 3 * i + 3] for i in range(len(self.modalities))]
         return {m: _MMParetoProducts(*row) for m, row in zip(self.modalities, values, strict=True)}
 
     def _form_directions(
-        self, weights: Mapping[str, tuple[float, float]]
+        self, trainer: pl.Trainer, weights: Mapping[str, tuple[float, float]]
     ) -> dict[str, tuple[list[nn.Parameter], list[Tensor], list[tuple[float, bool]], float, float]]:
         """Write ``h_t = n_t / 2`` over ``g_mm`` (``n_t = 2 w_mm g_mm,t + 2 w_u g_u,t``) and compute each factor.
 
@@ -199,12 +208,13 @@ class MMPareto(BalancingCallback):
                     params.append(p)
                     ns.append(n)
                     us.append(u)
-                    grads.append(p.grad)
+                    grads.append(local(p.grad))
             # h = n / 2 = w_mm g_mm + w_u g_u = lerp(g_mm, g_u, w_u), since w_mm + w_u = 1: one pass over the buffer
             torch._foreach_lerp_(ns, us, weights[m][1])
             per_modality[m] = (params, ns, grads)
             norm_lists += [torch._foreach_norm(grads), torch._foreach_norm(ns)]
-        flat_norms = torch.stack([n.double() for lst in norm_lists for n in lst]).tolist()
+        squares = torch.stack([n.double() for lst in norm_lists for n in lst]).square()
+        flat_norms = [math.sqrt(v) for v in global_sums(trainer, squares, self.sharded)]  # per tensor, over shards
         plan = {}
         offset = 0
         for m, (params, ns, grads) in per_modality.items():

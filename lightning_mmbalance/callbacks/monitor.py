@@ -8,7 +8,8 @@ other diagnostics are in :mod:`lightning_mmbalance.functional.diagnostics`.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from lightning_mmbalance.callbacks.base import MultimodalCallback, StepStatistics
+from lightning_mmbalance.callbacks.base import MultimodalCallback, StepStatistics, fused_loss_gradients
 from lightning_mmbalance.callbacks.heldout import extract_features, loader_view, train_loader, validation_loader
 from lightning_mmbalance.contract import ForwardFn, StepRecord, run_forward
 from lightning_mmbalance.functional.arl import _arl_update
@@ -26,6 +27,7 @@ from lightning_mmbalance.functional.mmpareto import _MMParetoProducts
 from lightning_mmbalance.functional.ogm_ge import _ogm_ratio_compute, _ogm_score_update
 from lightning_mmbalance.masking import MaskingError, masked_forward
 from lightning_mmbalance.utilities.checks import check_bool, check_callable, check_int
+from lightning_mmbalance.utilities.distributed import global_sums, local, squared_norm
 from lightning_mmbalance.utilities.plot import plot_history
 
 __all__ = ["ModalityMonitor"]
@@ -162,7 +164,7 @@ class ModalityMonitor(MultimodalCallback):
         """On measured steps: add the micro-batch's statistics (and, on conflict steps, its encoder gradients)."""
         record = self.take_record(pl_module)
         if self._conflict_step(trainer):
-            self._accumulate_conflict(record)
+            self._accumulate_conflict(trainer, record)
         if self._logging_step(trainer):
             self._accumulate(record)
 
@@ -176,13 +178,15 @@ class ModalityMonitor(MultimodalCallback):
             **_arl_update(logits),
         }
 
-    def _accumulate_conflict(self, record: StepRecord) -> None:
+    def _accumulate_conflict(self, trainer: pl.Trainer, record: StepRecord) -> None:
         params = [p for m in self.modalities for p in self.encoder_parameters(m)]
         unimodal = torch.stack([record.unimodal_losses[m] for m in self.modalities]).sum()
         rows = []
         for loss in (record.fused_loss, unimodal):
-            grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-            flat = [(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params, strict=True)]
+            grads = fused_loss_gradients(trainer, loss, params, self.encoder_outputs())
+            flat = [
+                local(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params, strict=True)
+            ]
             rows.append(torch.cat(flat))
         both = torch.stack(rows).detach()
         self._conflict = both if self._conflict is None else self._conflict + both
@@ -220,15 +224,16 @@ class ModalityMonitor(MultimodalCallback):
     def _conflict_values(self, trainer: pl.Trainer) -> dict[str, dict[str, float]]:
         assert self._conflict is not None
         both, self._conflict = self._conflict, None
-        if trainer.world_size > 1:
+        if trainer.world_size > 1 and not self.sharded:  # FSDP2 already averaged the shards it reduce-scattered
             both = trainer.strategy.reduce(both, reduce_op="mean")
         rows, offset = [], 0
         for m in self.modalities:
-            size = sum(p.numel() for p in self.encoder_parameters(m))
+            size = sum(local(p).numel() for p in self.encoder_parameters(m))
             f, u = both[0, offset : offset + size].double(), both[1, offset : offset + size].double()
             rows.append(torch.stack([f @ f, f @ u, u @ u]))
             offset += size
-        products = [_MMParetoProducts(*row) for row in torch.stack(rows).tolist()]
+        flat = global_sums(trainer, torch.stack(rows).flatten(), self.sharded)
+        products = [_MMParetoProducts(*flat[3 * i : 3 * i + 3]) for i in range(len(self.modalities))]
         cos = {m: p.cos for m, p in zip(self.modalities, products, strict=True)}
         return {"cos": cos, "conflict": {m: float(p.conflict) for m, p in zip(self.modalities, products, strict=True)}}
 
@@ -238,19 +243,21 @@ class ModalityMonitor(MultimodalCallback):
         """After a measured optimizer step: log the applied gradient's norm and the update ratio; keep the history."""
         if self._before is not None:
             before, self._before = self._before, None
-            self.log_values(pl_module, self._after_step_values(before), cadence_checked=True)
+            self.log_values(pl_module, self._after_step_values(trainer, before), cadence_checked=True)
         self._record_history(trainer)
 
-    def _after_step_values(self, before: Mapping[str, list[Tensor]]) -> dict[str, dict[str, float]]:
-        norms: list[Tensor] = []
-        device = next(p.device for m in self.modalities for p in self._encoders[m].parameters())
+    def _after_step_values(
+        self, trainer: pl.Trainer, before: Mapping[str, list[Tensor]]
+    ) -> dict[str, dict[str, float]]:
+        squares: list[Tensor] = []
+        device = trainer.strategy.root_device
         for m in self.modalities:
             params = self.encoder_parameters(m)
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            grads = [p.grad for p in params if p.grad is not None]
             after = [p.detach() for p in params]
-            delta = torch._foreach_sub(after, before[m]) if params else []
-            norms += [_total_norm(t, device) for t in (grads, delta, before[m])]
-        flat = torch.stack(norms).tolist()
+            delta = list(torch._foreach_sub(after, before[m])) if params else []
+            squares += [squared_norm(t, device) for t in (grads, delta, before[m])]
+        flat = [math.sqrt(v) for v in global_sums(trainer, torch.stack(squares), self.sharded)]
         grad_norm, update_ratio = {}, {}
         for i, m in enumerate(self.modalities):
             grad, update, weight = flat[3 * i : 3 * i + 3]
@@ -375,10 +382,3 @@ class ModalityMonitor(MultimodalCallback):
         self.history = {
             k: [(int(s), float(v)) for s, v in points] for k, points in state_dict.get("history", {}).items()
         }
-
-
-def _total_norm(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
-    """The float64 2-norm of a list of tensors on ``device`` (0 for an empty list)."""
-    if not tensors:
-        return torch.zeros((), dtype=torch.float64, device=device)
-    return torch.stack([n.double() for n in torch._foreach_norm(list(tensors))]).norm()

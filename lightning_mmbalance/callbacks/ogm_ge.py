@@ -17,6 +17,7 @@ from lightning_mmbalance.callbacks.base import BalancingCallback, StepStatistics
 from lightning_mmbalance.contract import StepRecord
 from lightning_mmbalance.functional.ogm_ge import _ogm_coefficient_compute, _ogm_ratio_compute, _ogm_score_update
 from lightning_mmbalance.utilities.checks import check_bool, check_choice, check_float, check_int
+from lightning_mmbalance.utilities.distributed import distribute_like, global_sums, local, squared_norm
 
 __all__ = ["OGMGE"]
 
@@ -157,7 +158,7 @@ class OGMGE(BalancingCallback):
         coefficients = _ogm_coefficient_compute(ratios, self.alpha)
         applied = dict.fromkeys(self.modalities, 1.0)
         logging = self.logs_this_step(trainer)
-        before = self._squared_norms() if logging else None
+        before = self._squared_norms(pl_module.device) if logging else None
         if self._in_window(trainer.current_epoch):
             applied = coefficients
             self._apply(trainer, pl_module, coefficients)
@@ -165,24 +166,23 @@ class OGMGE(BalancingCallback):
             score_means = dict(zip(self.modalities, stats.mean("score"), strict=True))
             values = {"score": score_means, "ratio": ratios, "coefficient": applied}
             self.log_values(pl_module, values, cadence_checked=True)
-            self.report_step_ratio(trainer, pl_module, self._step_ratios(before, applied))
+            self.report_step_ratio(trainer, pl_module, self._step_ratios(trainer, before, applied))
 
-    def _squared_norms(self) -> Tensor:
-        """Per modality: the squared norms of the selected and of the other encoder gradients, ``(M, 2)``."""
+    def _squared_norms(self, device: torch.device) -> Tensor:
+        """Per modality, the local squared norms of the selected and of the other encoder gradients: ``(M, 2)``."""
         rows = []
         for m in self.modalities:
-            pair = []
-            for params in (self._selected[m], self._unselected[m]):
-                grads = [p.grad for p in params if p.grad is not None]
-                norms = torch._foreach_norm(grads) if grads else []
-                pair.append(sum((n.double() ** 2 for n in norms), torch.zeros((), dtype=torch.float64)))
-            rows.append(torch.stack([v.to(pair[0].device) for v in pair]))
+            pair = [
+                squared_norm([p.grad for p in params if p.grad is not None], device)
+                for params in (self._selected[m], self._unselected[m])
+            ]
+            rows.append(torch.stack(pair))
         return torch.stack(rows)
 
-    def _step_ratios(self, before: Tensor, coefficients: Mapping[str, float]) -> dict[str, float]:
+    def _step_ratios(self, trainer: pl.Trainer, before: Tensor, coefficients: Mapping[str, float]) -> dict[str, float]:
         """Norm of each encoder's gradient after the callback (its effective update, in update mode) over before."""
-        after = self._squared_norms()[:, 0]
-        values = torch.cat([before.flatten().to(after.device), after]).tolist()
+        after = self._squared_norms(before.device)[:, 0]
+        values = global_sums(trainer, torch.cat([before.flatten(), after]), self.sharded)
         ratios = {}
         for i, m in enumerate(self.modalities):
             selected, others, selected_after = values[2 * i], values[2 * i + 1], values[2 * len(self.modalities) + i]
@@ -208,8 +208,9 @@ class OGMGE(BalancingCallback):
                 torch._foreach_mul_(grads, k)
             if stds is not None:
                 for g, std in zip(grads, stds, strict=True):
-                    noise = torch.randn(g.shape, generator=generator, device=g.device, dtype=g.dtype)
-                    g.add_(noise.mul_(std.to(g.dtype)))
+                    # The whole tensor's draw, then this rank's shard of it: the same noise with any number of ranks.
+                    noise = torch.randn(g.shape, generator=generator, device=local(g).device, dtype=g.dtype)
+                    local(g).add_(local(distribute_like(noise, g)).mul_(local(std).to(g.dtype)))
             if self.modulate == "update":
                 self.scale_update_after_step(params, [k] * len(params))
 
@@ -224,8 +225,9 @@ class OGMGE(BalancingCallback):
 def _unbiased_std(grad: Tensor) -> Tensor:
     """The GE noise scale: unbiased std of the unmodulated gradient + 1e-8 (1e-8 for one element).
 
-    Computed in at least float32: half-precision gradients are upcast, float64 ones keep their precision.
+    Computed in at least float32: half-precision gradients are upcast, float64 ones keep their precision. For a
+    sharded gradient it is the std of the whole tensor (a replicated ``DTensor``).
     """
     if grad.numel() < 2:
-        return torch.full((), 1e-8, dtype=torch.float32, device=grad.device)
+        return torch.full((), 1e-8, dtype=torch.float32, device=local(grad).device)
     return (grad if grad.dtype == torch.float64 else grad.float()).std() + 1e-8

@@ -28,6 +28,7 @@ from lightning_mmbalance.callbacks.heldout import (
 from lightning_mmbalance.contract import ForwardFn
 from lightning_mmbalance.functional.relearning import _relearning_interpolate_, clustering_purity, relearning_alpha
 from lightning_mmbalance.utilities.checks import check_bool, check_callable, check_float, check_int
+from lightning_mmbalance.utilities.distributed import distribute_like, full, is_sharded
 
 __all__ = ["DiagnosingRelearning"]
 
@@ -132,7 +133,11 @@ class DiagnosingRelearning(BalancingCallback):
         super().on_train_start(trainer, pl_module)
         validation_loader(trainer, self.name)
         if self._theta0 is None:
-            self._theta0 = {m: {n: p.detach().cpu().clone() for n, p in self._trained(m)} for m in self.modalities}
+            # Replicated parameters are kept on the CPU; sharded ones (FSDP2) stay shards, gathered only to be saved.
+            self._theta0 = {
+                m: {n: p.detach().clone() if is_sharded(p) else p.detach().cpu().clone() for n, p in self._trained(m)}
+                for m in self.modalities
+            }
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Diagnose and re-initialise after a scheduled epoch."""
@@ -210,7 +215,9 @@ class DiagnosingRelearning(BalancingCallback):
         named = dict(self._trained(modality))
         initial = self._theta0[modality]
         params = [named[n] for n in initial]
-        _relearning_interpolate_(params, [initial[n] for n in initial], alpha)
+        _relearning_interpolate_(
+            params, [distribute_like(initial[n], p) for n, p in zip(initial, params, strict=True)], alpha
+        )
         if self.reset_optimizer_state:
             for optimizer in trainer.optimizers:
                 for p in params:
@@ -219,9 +226,12 @@ class DiagnosingRelearning(BalancingCallback):
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """The initial weights, the re-init count, the last diagnosed epoch and its measurements."""
+        theta0 = None
+        if self._theta0 is not None:  # gathered, so that rank 0's checkpoint holds every shard (a collective)
+            theta0 = {m: {n: full(t).detach().cpu() for n, t in tensors.items()} for m, tensors in self._theta0.items()}
         return {
             **super().state_dict(),
-            "theta0": self._theta0,
+            "theta0": theta0,
             "n_reinits": self._n_reinits,
             "last_diagnosed_epoch": self._last_diagnosed,
             "last": self._last,
