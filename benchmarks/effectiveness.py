@@ -55,8 +55,11 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--lrs", nargs="+", type=float, default=[0.003, 0.01, 0.03, 0.1])
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--output", type=Path, default=Path("benchmark_runs"))
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     print(

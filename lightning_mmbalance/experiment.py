@@ -35,9 +35,9 @@ from lightning_mmbalance.callbacks import (
     MMPareto,
     UnimodalLosses,
 )
-from lightning_mmbalance.callbacks.base import StepSizeWarning
+from lightning_mmbalance.callbacks.base import MultimodalCallback, StepSizeWarning
 from lightning_mmbalance.callbacks.heldout import collect_features, eval_mode
-from lightning_mmbalance.data import CGDigitsDataModule, MultimodalDataModule, SyntheticDataModule
+from lightning_mmbalance.data import CGDigitsDataModule, MultimodalDataModule, PartsDataModule, SyntheticDataModule
 from lightning_mmbalance.functional.diagnostics import probe_accuracy
 from lightning_mmbalance.models import LateFusionClassifier
 
@@ -71,6 +71,7 @@ _METHOD_FACTORIES: dict[str, Callable[[int], list[Callback]]] = {
     "baseline": lambda epochs: [],
     "uniform": lambda epochs: [UnimodalLosses()],
     "ogm_ge": lambda epochs: [OGMGE(modulation_ends=_scaled(0.5, epochs))],  # official: epochs 0-50 of 100
+    "ogm_ge_0.8": lambda epochs: [OGMGE(alpha=0.8, modulation_ends=_scaled(0.5, epochs))],  # CREMA-D's alpha
     "mmpareto": lambda epochs: [MMPareto()],
     "arl": lambda epochs: [ARL(warmup_epochs=_scaled(0.06, epochs))],  # official: 6 of 100
     "gradient_blending": lambda epochs: [GradientBlending(super_epoch=_scaled(0.2, epochs))],
@@ -83,6 +84,7 @@ _DATASET_FACTORIES: dict[str, Callable[[int], MultimodalDataModule]] = {
     "cg-digits": lambda batch_size: CGDigitsDataModule(batch_size=batch_size),
     "synthetic": lambda batch_size: SyntheticDataModule(batch_size=batch_size),
     "synthetic3": lambda batch_size: SyntheticDataModule(num_modalities=3, batch_size=batch_size),
+    "parts": lambda batch_size: PartsDataModule(batch_size=batch_size),
 }
 DATASETS: tuple[str, ...] = tuple(_DATASET_FACTORIES)
 """Every built-in data set ``compare`` knows."""
@@ -109,7 +111,9 @@ class RunResult:
     ``val_acc`` is that checkpoint's validation accuracy, which :func:`run_grid` compares across learning rates;
     ``grid`` holds every learning rate's ``val_acc`` when the run was chosen from a grid. ``fit_time`` is the wall
     time of ``Trainer.fit`` (not comparable across runs made one after another on a shared machine). ``warnings``
-    are the step-size warnings the callbacks raised during the fit.
+    are the step-size warnings the callbacks raised during the fit, ``step_ratio`` the median over the logged steps of
+    each modality's ``step_ratio`` (how much the method enlarged that encoder's step; empty for methods that do not
+    scale).
     """
 
     method: str
@@ -124,6 +128,22 @@ class RunResult:
     fit_time: float = float("nan")
     grid: dict[float, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    step_ratio: dict[str, float] = field(default_factory=dict)
+
+
+class _StepRatios(Callback):
+    """Every logged ``mmbalance/<method>/step_ratio/<modality>`` value of the fit."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, list[float]] = {}
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        for key, value in trainer.callback_metrics.items():
+            if "/step_ratio/" in key and MultimodalCallback.logs_this_step(trainer):
+                self.values.setdefault(key.rsplit("/", 1)[-1], []).append(float(value))
+
+    def medians(self) -> dict[str, float]:
+        return {m: statistics.median(v) for m, v in self.values.items()}
 
 
 def _logger(out_dir: Path, name: str, version: str) -> Logger:
@@ -210,7 +230,7 @@ def _train(
         accelerator="cpu",
         devices=1,
         logger=_logger(out, f"{dataset}/{method}", name.removeprefix(f"{method}-")),
-        callbacks=[*method_callbacks(method, max_epochs), ckpt],
+        callbacks=[*method_callbacks(method, max_epochs), ckpt, ratios := _StepRatios()],
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
@@ -239,6 +259,7 @@ def _train(
         lr=float(model.hparams["lr"]),
         fit_time=fit_time,
         warnings=[str(w.message) for w in caught if issubclass(w.category, StepSizeWarning)],
+        step_ratio=ratios.medians(),
     )
     return result, model, dm
 

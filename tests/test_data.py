@@ -11,6 +11,7 @@ from lightning_mmbalance.data import (
     CGDigitsDataModule,
     MultimodalDataModule,
     MultimodalTensorDataset,
+    PartsDataModule,
     SyntheticDataModule,
 )
 from lightning_mmbalance.data.cg_digits import NUM_DIGITS, PALETTE
@@ -308,3 +309,43 @@ def test_loaders_in_a_trainer() -> None:
     trainer.fit(Probe(), datamodule=dm)
     assert len(seen) == 2
     _check_batch(seen[0], dm, 50)
+
+
+# --- Parts ------------------------------------------------------------------------------------------------------------
+
+
+def test_parts_construction() -> None:
+    """a is in A only (linearly), b in B only (the XOR of sign pairs), the splits balanced and deterministic."""
+    dm = PartsDataModule(d_a=64, n_train=120, n_val=60, n_test=60)
+    dm.setup()
+    assert dm.input_shapes == {"A": [64], "B": [8]} and dm.num_classes == 12
+    for name, ds in (("train", dm.train_set), ("val", dm.val_set), ("test", dm.test_set)):
+        a, b = dm.parts[name]
+        assert torch.equal(ds.targets, a * 4 + b)
+        assert torch.bincount(ds.targets, minlength=12).tolist() == [len(ds) // 12] * 12
+        x_b = ds.inputs["B"]
+        for j in range(2):  # bit j of b is set exactly when the signs of coordinates 2j and 2j+1 differ
+            differ = (torch.sign(x_b[:, 2 * j]) != torch.sign(x_b[:, 2 * j + 1])).long()
+            assert torch.equal(differ, (b >> j) & 1)
+    x_a, (a, _) = dm.train_set.inputs["A"], dm.parts["train"]
+    centroids = torch.stack([x_a[a == k].mean(0) for k in range(3)])
+    assert torch.equal(torch.cdist(dm.test_set.inputs["A"], centroids).argmin(1), dm.parts["test"][0])  # A: linear in a
+    again = PartsDataModule(d_a=64, n_train=120, n_val=60, n_test=60)
+    again.setup()
+    assert torch.equal(again.train_set.inputs["A"], dm.train_set.inputs["A"])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"k_a": 1}, ValueError, r"`k_a` must be an int >= 2, got 1"),
+        ({"n_bits": 0}, ValueError, r"`n_bits` must be an int >= 1, got 0"),
+        ({"d_b": 3}, ValueError, r"`d_b` must be an int >= 4, got 3"),
+        ({"s_b": 0.0}, ValueError, r"`s_b` must be a finite float > 0, got 0.0"),
+        ({"sigma_a": "x"}, TypeError, r"`sigma_a` must be a finite float > 0, got 'x'"),
+        ({"n_val": 0}, ValueError, r"`n_val` must be an int >= 1, got 0"),
+    ],
+)
+def test_parts_errors(kwargs: dict, error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        PartsDataModule(**kwargs)
