@@ -105,3 +105,20 @@ def test_no_warning_on_a_healthy_run(make):
         warnings.simplefilter("error", StepSizeWarning)
         trainer, _ = fit([make()], model=model, data=dm, max_epochs=4, log_every_n_steps=1)
     assert any(key.endswith("step_ratio/m1") for key in trainer.callback_metrics)
+
+
+@pytest.mark.parametrize(("lr", "diverges"), [(0.1, True), (0.01, False)])
+def test_arl_on_cg_digits_warns_only_when_the_learning_rate_is_too_large(lr, diverges):
+    """CG-Digits, ARL at its defaults: at lr 0.1 (the joint-loss baseline's best rate) its encoders die early and the
+    warning comes within three epochs; at ARL's own validation-selected rate (0.01) it stays silent."""
+    from lightning_mmbalance.data import CGDigitsDataModule
+
+    torch.manual_seed(0)
+    dm = CGDigitsDataModule()
+    model = LateFusionClassifier(dm.input_shapes, dm.num_classes, lr=lr)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit([ARL(warmup_epochs=1)], model=model, data=dm, max_epochs=3, log_every_n_steps=5)
+    messages = [str(w.message) for w in caught if issubclass(w.category, StepSizeWarning)]
+    assert bool(messages) == diverges, messages
+    assert all(m.startswith("ARL: the weight norm of the ") and "no better than chance" in m for m in messages)

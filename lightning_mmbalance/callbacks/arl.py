@@ -67,6 +67,7 @@ class ARL(BalancingCallback):
     method = "arl"
     sets_loss_weights = True
     gradient_action = "scale"
+    reports_step_ratio = True
 
     def __init__(
         self,

@@ -436,6 +436,8 @@ class BalancingCallback(MultimodalCallback):
 
     sets_loss_weights: ClassVar[bool] = False
     gradient_action: ClassVar[str | None] = None
+    reports_step_ratio: ClassVar[bool] = False
+    """Whether the method calls :meth:`report_step_ratio` (its unimodal losses are then kept on logging steps)."""
 
     def __init__(self, encoders: Mapping[str, str] | None = None, modulate: str | None = None) -> None:
         super().__init__(encoders=encoders)
@@ -446,6 +448,7 @@ class BalancingCallback(MultimodalCallback):
         self._step_hooks: list[RemovableHandle] = []
         self._initial_norms: dict[str, float] = {}
         self._warned: set[str] = set()
+        self._loss_sums: Tensor | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """The checks of :class:`MultimodalCallback`, then the composition rules."""
@@ -498,22 +501,45 @@ class BalancingCallback(MultimodalCallback):
 
         ``ratios[m]`` is the norm of encoder ``m``'s gradient as this callback leaves it (the update it scales, in
         update mode) over the norm a plain step would have had. Call it on logging steps (:meth:`logs_this_step`).
-        The divergence test: the encoder's weight norm exceeds ``DIVERGENCE_GROWTH`` (4) times its norm at the start
-        of the fit, while the callback enlarges its steps (``ratios[m] > 1``). The warning
-        (:class:`StepSizeWarning`) names the callback, the modality and the remedy, at the step it happens.
+        The divergence test, all three at once: the encoder's weight norm exceeds ``DIVERGENCE_GROWTH`` (4) times its
+        norm at the start of the fit; the modality's own prediction is no better than chance (its unimodal loss, over
+        the step, is above ``ln C``, C classes: a running-away or dead encoder, not one that grows while it learns);
+        and the callback enlarges its steps (``ratios[m] > 1``). The warning (:class:`StepSizeWarning`) names the
+        callback, the modality and the remedy, at the step it happens.
         """
         self.log_values(pl_module, {"step_ratio": dict(ratios)}, cadence_checked=True)
-        for m, norm in zip(self.modalities, self._encoder_norms(trainer, pl_module), strict=True):
-            start = self._initial_norms.get(m, 0.0)
-            if m not in self._warned and start > 0 and norm > DIVERGENCE_GROWTH * start and ratios[m] > 1:
+        losses, self._loss_sums = self._loss_sums, None
+        norms = self._encoder_norms(trainer, pl_module)
+        if losses is None:
+            return
+        if trainer.world_size > 1:
+            losses = trainer.strategy.reduce(losses, reduce_op="sum")
+        *loss_sums, count, classes = losses.tolist()
+        for m, norm, loss_sum in zip(self.modalities, norms, loss_sums, strict=True):
+            start, loss = self._initial_norms.get(m, 0.0), loss_sum / max(count, 1.0)
+            growing = start > 0 and norm > DIVERGENCE_GROWTH * start
+            if m not in self._warned and growing and loss > math.log(classes / max(count, 1.0)) and ratios[m] > 1:
                 self._warned.add(m)
                 rank_zero_warn(
                     f"{self.name}: the weight norm of the {m!r} encoder grew {norm / start:.1f}x since the start of "
-                    f"training ({start:.3g} -> {norm:.3g}, step {trainer.global_step}) while {self.name} makes its "
-                    f"steps {ratios[m]:.2g}x those of a plain step: the encoder may be diverging. Lower the learning "
-                    "rate (a rule of thumb is in the method's page under docs/), or the method's strength.",
+                    f"training ({start:.3g} -> {norm:.3g}, step {trainer.global_step}) while its unimodal loss is "
+                    f"{loss:.3g}, no better than chance, and {self.name} makes its steps {ratios[m]:.2g}x those of a "
+                    "plain step: the encoder may be diverging. Lower the learning rate (a rule of thumb is in the "
+                    "method's page under docs/), or the method's strength.",
                     category=StepSizeWarning,
                 )
+
+    def take_record(self, pl_module: pl.LightningModule) -> StepRecord:
+        """The micro-batch's record; on logging steps its unimodal losses are kept for the divergence test."""
+        record = super().take_record(pl_module)
+        if self.reports_step_ratio and record.unimodal_losses and self.logs_this_step(pl_module.trainer):
+            losses = [record.unimodal_losses[m].detach().double() for m in self.modalities]
+            extra = torch.tensor(
+                [1.0, float(record.output.logits.shape[1])], dtype=torch.float64, device=losses[0].device
+            )
+            row = torch.cat([torch.stack(losses), extra])  # mean losses, one micro-batch, the class count
+            self._loss_sums = row if self._loss_sums is None else self._loss_sums + row
+        return record
 
     def _encoder_norms(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[float]:
         """Each encoder's weight norm (its trained parameters), global under sharding: one collective at most."""

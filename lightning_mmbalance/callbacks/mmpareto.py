@@ -63,6 +63,7 @@ class MMPareto(BalancingCallback):
     method = "mmpareto"
     sets_loss_weights = True
     gradient_action = "replace"
+    reports_step_ratio = True
 
     def __init__(
         self, gamma: float = 1.5, modulate: str = "gradient", encoders: Mapping[str, str] | None = None

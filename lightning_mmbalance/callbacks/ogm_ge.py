@@ -74,6 +74,7 @@ class OGMGE(BalancingCallback):
 
     method = "ogm_ge"
     gradient_action = "scale"
+    reports_step_ratio = True
 
     def __init__(
         self,

@@ -54,7 +54,7 @@ class Case:
 CALLBACKS: dict[str, Case] = {
     "ogm_ge": Case(
         lambda enc: [OGMGE(alpha=0.5, encoders=enc)],
-        ("mmbalance/ogm_ge/coefficient/",),
+        ("mmbalance/ogm_ge/coefficient/", "mmbalance/ogm_ge/step_ratio/"),
         changes_gradients="selected",
         deterministic_ddp=False,
         scales=True,
@@ -81,7 +81,7 @@ CALLBACKS: dict[str, Case] = {
     ),
     "mmpareto": Case(
         lambda enc: [MMPareto(encoders=enc)],
-        ("mmbalance/mmpareto/cos/", "mmbalance/mmpareto/grad_norm_ratio/"),
+        ("mmbalance/mmpareto/cos/", "mmbalance/mmpareto/grad_norm_ratio/", "mmbalance/mmpareto/step_ratio/"),
         changes_gradients="encoders",
         scales=True,
         errors=(
@@ -94,7 +94,7 @@ CALLBACKS: dict[str, Case] = {
     ),
     "arl": Case(
         lambda enc: [ARL(warmup_epochs=1, temperature=8.0, lagged=True, encoders=enc)],
-        ("mmbalance/arl/coefficient/", "mmbalance/arl/entropy/"),
+        ("mmbalance/arl/coefficient/", "mmbalance/arl/entropy/", "mmbalance/arl/step_ratio/"),
         changes_gradients="encoders",
         scales=True,
         epochs=3,
@@ -150,7 +150,12 @@ CALLBACKS: dict[str, Case] = {
     ),
     "monitor": Case(
         lambda enc: [ModalityMonitor(conflict_every_n_steps=2, linear_probe=True, encoders=enc)],
-        ("mmbalance/monitor/acc/", "mmbalance/monitor/cos/", "mmbalance/monitor/grad_norm/"),
+        (
+            "mmbalance/monitor/acc/",
+            "mmbalance/monitor/cos/",
+            "mmbalance/monitor/grad_norm/",
+            "mmbalance/monitor/masked_acc/",
+        ),
         needs_val=True,
         errors=(
             ({"every_n_steps": 0}, ValueError, "`every_n_steps` must be an int >= 1, got 0"),
