@@ -53,7 +53,7 @@ def _compare_parser() -> argparse.ArgumentParser:
         help=f"learning-rate grid (SGD, momentum 0.9); default {' '.join(f'{lr:g}' for lr in DEFAULT_LRS)}",
     )
     parser.add_argument("--seeds", type=int, default=2, help="number of seeds (0, 1, ...); default 2")
-    parser.add_argument("--epochs", type=int, default=15, help="training epochs per run; default 15")
+    parser.add_argument("--epochs", type=int, default=10, help="training epochs per run; default 10")
     parser.add_argument("--data", choices=DATASETS, default="cg-digits", help="built-in data set; default cg-digits")
     parser.add_argument("--output", type=Path, default=Path("mmbalance_runs"), help="output folder")
     return parser

@@ -56,7 +56,7 @@ __all__ = [
     "summarize",
 ]
 
-DEFAULT_LRS: tuple[float, ...] = (0.003, 0.01, 0.03)
+DEFAULT_LRS: tuple[float, ...] = (0.01, 0.03, 0.1)
 """The learning-rate grid of ``mmbalance compare`` (SGD with momentum 0.9; the reference model's default is 0.01)."""
 
 

@@ -9,6 +9,7 @@ from lightning_mmbalance import ARL, OGMGE, MMPareto
 from lightning_mmbalance.data import SyntheticDataModule
 from lightning_mmbalance.models import LateFusionClassifier
 from tests.helpers.harness import CALLBACKS, Logged, logged_prefixes_present
+from tests.helpers.tiny import trainer_kwargs
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -21,20 +22,8 @@ def _fit(callbacks, accelerator="gpu", epochs=3, max_steps=-1, compile_encoders=
         for m in list(model.encoders):
             model.encoders[m] = torch.compile(model.encoders[m])
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    trainer = pl.Trainer(
-        accelerator=accelerator,
-        devices=1,
-        max_epochs=epochs,
-        max_steps=max_steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        log_every_n_steps=1,
-        callbacks=callbacks,
-        **kwargs,
-    )
+    kw = trainer_kwargs(accelerator=accelerator, max_epochs=epochs, max_steps=max_steps, callbacks=callbacks)
+    trainer = pl.Trainer(**{**kw, "limit_val_batches": 1.0, "use_distributed_sampler": True, **kwargs})
     trainer.fit(model, datamodule=dm)
     return trainer, model, initial
 
