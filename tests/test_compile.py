@@ -47,7 +47,7 @@ def test_compiled_equals_eager(case, compile_mode):
         torch.testing.assert_close(compiled[key], value, atol=1e-5, rtol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
 
 
-@pytest.mark.parametrize("case", ["mmpareto", "monitor", "gradient_blending", "relearning"])
+@pytest.mark.parametrize("case", list(CALLBACKS))
 def test_compiled_lightning_module_equals_eager(case):
     """``trainer.fit(torch.compile(model))``, which Lightning unwraps and compiles again."""
     eager = _run(case, None)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_mmbalance import DiagnosingRelearning, GradientBlending, ModalityMonitor
 from tests.helpers.harness import CALLBACKS, PAIRS, Case, EpochStartSpy, GradSpy, Logged, logged_prefixes_present
@@ -28,13 +29,13 @@ PAIR_CELLS = [
 ]
 
 
-def _fit(case: Case, style: type[StyleModule], extra: list, **overrides):
+def _fit(case: Case, style: type[StyleModule], extra: list, datamodule_batch: int = 8, **overrides):
     model = style()
     callbacks = case.factory(style.encoder_paths)
     kw = trainer_kwargs(callbacks=[*extra[:1], *callbacks, *extra[1:]], max_epochs=case.epochs, limit_val_batches=1.0)
     kw.update(overrides)
     trainer = pl.Trainer(**kw)
-    trainer.fit(model, datamodule=StyleData(style, n=32))
+    trainer.fit(model, datamodule=StyleData(style, n=32, batch_size=datamodule_batch))
     return trainer, model, callbacks
 
 
@@ -119,3 +120,28 @@ def test_ddp_default_flags_on_separate_heads(tmp_path, case):
     rank0, rank1 = load_ranks(tmp_path)
     assert_states_close(rank0, rank1, atol=0)
     assert params_of(style()).keys() == rank0.keys()
+
+
+@pytest.mark.parametrize("case", list(CALLBACKS))
+def test_accumulation_resume_and_bf16_on_a_user_style(tmp_path, case):
+    """Dotted encoder paths, attention fusion with its own unimodal heads, dict batches (float32, no BatchNorm)."""
+    style, spec = STYLES["attention-paths"], CALLBACKS[case]
+    if spec.per_step:  # accumulation of 2 x 4 equals one batch of 8
+        _, accumulated, _ = _fit(spec, style, [], accumulate_grad_batches=2, datamodule_batch=4)
+        _, big, _ = _fit(spec, style, [], datamodule_batch=8)
+        assert_states_close(accumulated.state_dict(), big.state_dict(), atol=1e-5)
+    _, full, _ = _fit(spec, style, [], max_epochs=2 * spec.epochs)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    _fit(spec, style, [checkpoint], enable_checkpointing=True, default_root_dir=tmp_path)
+    resumed = style(seed=7)
+    kw = trainer_kwargs(
+        callbacks=spec.factory(style.encoder_paths),
+        max_epochs=2 * spec.epochs,
+        limit_val_batches=1.0,
+        enable_checkpointing=True,
+        default_root_dir=tmp_path,
+    )
+    pl.Trainer(**kw).fit(resumed, datamodule=StyleData(style, n=32), ckpt_path=tmp_path / "last.ckpt")
+    assert_states_close(resumed.state_dict(), full.state_dict(), atol=0)
+    _, mixed, _ = _fit(spec, style, [], precision="bf16-mixed")
+    assert all(torch.isfinite(v).all() for v in mixed.state_dict().values())

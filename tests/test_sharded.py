@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_mmbalance import GradientBlending, ModalityMonitor
+from lightning_mmbalance import OGMGE, GradientBlending, ModalityMonitor
 from tests.helpers.harness import CALLBACKS
 from tests.helpers.sharded import AssertSharded, ForkModelParallel, SaveFullParams, ShardedTinyModel
 from tests.helpers.tiny import TinyData, TinyModel, assert_states_close, fit, load_ranks, trainer_kwargs
@@ -52,6 +52,16 @@ def test_fsdp2_equals_one_process(tmp_path, name):
     rank0, rank1 = _sharded_fit(name, tmp_path)
     assert_states_close(rank0, rank1, atol=0)
     single = _single_fit(name)
+    assert_states_close(rank0, {k: v.detach() for k, v in single.state_dict().items()}, atol=1e-10)
+
+
+@pytest.mark.ddp
+@pytest.mark.parametrize(("noise", "modulate"), [(False, "gradient"), (True, "update")])
+def test_fsdp2_ogm_ge_other_modes_equal_one_process(tmp_path, noise, modulate):
+    """The two OGM-GE combinations the shared table does not hold (it has noise + gradient, no noise + update)."""
+    make = lambda: [OGMGE(alpha=0.5, noise=noise, modulate=modulate)]  # noqa: E731
+    rank0, _ = _sharded_fit("ogm_ge", tmp_path, callbacks=make())
+    single = fit(make(), model=TinyModel(momentum=0.9), data=TinyData(batch_size=8), max_epochs=2)[1]
     assert_states_close(rank0, {k: v.detach() for k, v in single.state_dict().items()}, atol=1e-10)
 
 
