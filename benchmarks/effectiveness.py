@@ -56,6 +56,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--lrs", nargs="+", type=float, default=[0.003, 0.01, 0.03, 0.1])
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--optimizer",
+        choices=("sgd", "adam", "adamw"),
+        default="sgd",
+        help="the reference model's optimizer; with Adam the scaling methods use modulate='update'",
+    )
     parser.add_argument("--output", type=Path, default=Path("benchmark_runs"))
     args = parser.parse_args()
     if args.threads is not None:
@@ -64,7 +70,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     print(
         f"torch {torch.__version__}, {platform.machine()} {platform.processor()}, {torch.get_num_threads()} threads; "
-        f"{args.seeds} seeds, {args.epochs} epochs, learning rates {args.lrs}\n"
+        f"{args.seeds} seeds, {args.epochs} epochs, {args.optimizer}, learning rates {args.lrs}\n"
     )
     report = {}
     for dataset in args.data:
@@ -73,7 +79,14 @@ def main() -> None:
         for method in args.methods:
             for seed in range(args.seeds):
                 result = run_grid(
-                    method, seed, args.lrs, dataset=dataset, max_epochs=args.epochs, out_dir=args.output, probe=True
+                    method,
+                    seed,
+                    args.lrs,
+                    dataset=dataset,
+                    max_epochs=args.epochs,
+                    out_dir=args.output,
+                    model_kwargs={"optimizer": args.optimizer},
+                    probe=True,
                 )
                 results.append(result)
                 print(

@@ -66,16 +66,17 @@ def _scaled(fraction: float, max_epochs: int) -> int:
 
 
 # Non-schedule arguments are the callbacks' documented defaults. Epoch schedules, which the official scripts set for
-# runs of 90-100 epochs, are scaled to the run length with the official fractions.
-_METHOD_FACTORIES: dict[str, Callable[[int], list[Callback]]] = {
-    "baseline": lambda epochs: [],
-    "uniform": lambda epochs: [UnimodalLosses()],
-    "ogm_ge": lambda epochs: [OGMGE(modulation_ends=_scaled(0.5, epochs))],  # official: epochs 0-50 of 100
-    "ogm_ge_0.8": lambda epochs: [OGMGE(alpha=0.8, modulation_ends=_scaled(0.5, epochs))],  # CREMA-D's alpha
-    "mmpareto": lambda epochs: [MMPareto()],
-    "arl": lambda epochs: [ARL(warmup_epochs=_scaled(0.06, epochs))],  # official: 6 of 100
-    "gradient_blending": lambda epochs: [GradientBlending(super_epoch=_scaled(0.2, epochs))],
-    "relearning": lambda epochs: [DiagnosingRelearning(every_n_epochs=_scaled(0.22, epochs))],  # official: 20 of 90
+# runs of 90-100 epochs, are scaled to the run length with the official fractions. The second argument is the
+# scaling methods' `modulate` ("update" for Adam-type optimizers).
+_METHOD_FACTORIES: dict[str, Callable[[int, str], list[Callback]]] = {
+    "baseline": lambda epochs, mode: [],
+    "uniform": lambda epochs, mode: [UnimodalLosses()],
+    "ogm_ge": lambda epochs, mode: [OGMGE(modulation_ends=_scaled(0.5, epochs), modulate=mode)],  # official 0-50/100
+    "ogm_ge_0.8": lambda epochs, mode: [OGMGE(alpha=0.8, modulation_ends=_scaled(0.5, epochs), modulate=mode)],
+    "mmpareto": lambda epochs, mode: [MMPareto(modulate=mode)],
+    "arl": lambda epochs, mode: [ARL(warmup_epochs=_scaled(0.06, epochs), modulate=mode)],  # official: 6 of 100
+    "gradient_blending": lambda epochs, mode: [GradientBlending(super_epoch=_scaled(0.2, epochs))],
+    "relearning": lambda epochs, mode: [DiagnosingRelearning(every_n_epochs=_scaled(0.22, epochs))],  # 20 of 90
 }
 METHODS: tuple[str, ...] = tuple(_METHOD_FACTORIES)
 """Every method ``compare`` knows, in table order."""
@@ -90,11 +91,11 @@ DATASETS: tuple[str, ...] = tuple(_DATASET_FACTORIES)
 """Every built-in data set ``compare`` knows."""
 
 
-def method_callbacks(method: str, max_epochs: int) -> list[Callback]:
+def method_callbacks(method: str, max_epochs: int, modulate: str = "gradient") -> list[Callback]:
     """The callbacks of ``method`` for a run of ``max_epochs`` (empty for the joint-loss baseline)."""
     if method not in _METHOD_FACTORIES:
         raise ValueError(f"Unknown method {method!r}; available: {METHODS}.")
-    return _METHOD_FACTORIES[method](max_epochs)
+    return _METHOD_FACTORIES[method](max_epochs, modulate)
 
 
 def make_datamodule(dataset: str, batch_size: int = 64) -> MultimodalDataModule:
@@ -222,6 +223,8 @@ def _train(
     pl.seed_everything(seed, workers=True, verbose=False)
     dm = make_datamodule(dataset)
     model_args = {**(model_kwargs or {}), **({"lr": lr} if lr is not None else {})}
+    # Adam-type optimizers undo a constant gradient scale: the scaling methods then scale the update instead.
+    modulate = "update" if model_args.get("optimizer", "sgd") != "sgd" else "gradient"
     model = LateFusionClassifier(dm.input_shapes, dm.num_classes, **model_args)
     name = f"{method}-seed{seed}" + (f"-lr{lr:g}" if lr is not None else "")
     ckpt = ModelCheckpoint(dirpath=out / "checkpoints" / dataset / name, monitor="val/acc", mode="max")
@@ -230,7 +233,7 @@ def _train(
         accelerator="cpu",
         devices=1,
         logger=_logger(out, f"{dataset}/{method}", name.removeprefix(f"{method}-")),
-        callbacks=[*method_callbacks(method, max_epochs), ckpt, ratios := _StepRatios()],
+        callbacks=[*method_callbacks(method, max_epochs, modulate), ckpt, ratios := _StepRatios()],
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,

@@ -89,6 +89,13 @@ def test_every_method_and_dataset_has_a_factory():
         assert (method == "baseline") == (callbacks == [])
 
 
+def test_scaling_methods_scale_the_update_on_request():
+    for method in ("ogm_ge", "ogm_ge_0.8", "mmpareto", "arl"):
+        (callback,) = method_callbacks(method, 10, "update")
+        assert callback.modulate == "update"
+        assert method_callbacks(method, 10)[0].modulate == "gradient"
+
+
 def test_schedules_scale_with_run_length():
     (short,) = method_callbacks("ogm_ge", max_epochs=4)
     (long,) = method_callbacks("ogm_ge", max_epochs=100)

@@ -484,6 +484,7 @@ class BalancingCallback(MultimodalCallback):
         """Forget update scalings of a step the optimizer did not take, then do the step's work."""
         self._pending = []
         super().on_before_optimizer_step(trainer, pl_module, optimizer)
+        self._loss_sums = None  # used by report_step_ratio during this step, or not at all (a skipped step)
 
     def scale_update_after_step(self, params: Sequence[nn.Parameter], factors: Sequence[float]) -> None:
         """Schedule ``theta <- theta_before + factor * (theta_after - theta_before)`` for the coming optimizer step.
