@@ -13,11 +13,11 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from lightning_mmbalance.callbacks.base import BalancingCallback, StepStatistics, fused_loss_gradients
+from lightning_mmbalance.callbacks.base import BalancingCallback, StepStatistics, add_loss_gradients
 from lightning_mmbalance.contract import StepRecord
 from lightning_mmbalance.functional.arl import _arl_compute, _arl_update
 from lightning_mmbalance.utilities.checks import check_bool, check_float, check_int
-from lightning_mmbalance.utilities.distributed import global_sums, squared_norm
+from lightning_mmbalance.utilities.distributed import global_sums, local, squared_norm
 
 __all__ = ["ARL"]
 
@@ -117,9 +117,9 @@ class ARL(BalancingCallback):
         self._accumulate(record)
         if self.logs_this_step(trainer):
             params = [p for m in self.modalities for p in self.encoder_parameters(m)]
-            grads = fused_loss_gradients(trainer, record.fused_loss, params, self.encoder_outputs())
-            plain = [torch.zeros_like(p) if g is None else g.detach() for g, p in zip(grads, params, strict=True)]
-            self._plain = plain if self._plain is None else list(torch._foreach_add(self._plain, plain))
+            if self._plain is None:
+                self._plain = [torch.zeros_like(local(p)) for p in params]  # a rank's shards under FSDP2
+            add_loss_gradients(trainer, record.fused_loss, params, self._plain, self.encoder_outputs())
 
     def step_statistics(self, record: StepRecord) -> dict[str, Tensor]:
         """Each modality's summed L1 norm of the unimodal logits and summed prediction entropy."""

@@ -55,7 +55,6 @@ ADAPTIVE_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (
 """Optimizers that normalise gradient magnitudes, so that scaling a gradient by a constant has little effect."""
 
 MODULATE_MODES = ("gradient", "update")
-GRADIENT_ACTIONS = ("scale", "replace")
 DIVERGENCE_GROWTH = 4.0
 """The step-size warning fires when an encoder's weight norm exceeds this multiple of its norm at the start."""
 
@@ -126,8 +125,6 @@ class MultimodalCallback(Callback):
     requires_features: ClassVar[bool] = False
     requires_encoder_parameters: ClassVar[bool] = True
     supports_manual_optimization: ClassVar[bool] = False
-    supports_sharding: ClassVar[bool] = True
-    """Whether the callback works under FSDP2 (``ModelParallelStrategy`` with ``fully_shard``)."""
     state_version: ClassVar[int] = 1
     """Version of :meth:`state_dict`; checkpoints of any version from 1 to this one load."""
 
@@ -235,8 +232,6 @@ class MultimodalCallback(Callback):
                 "each encoder, then the module, with `fully_shard` in `configure_model` (FSDP2; see docs/sharded.md)."
             )
         if isinstance(strategy, ModelParallelStrategy):
-            if not self.supports_sharding:
-                raise MisconfigurationException(f"{self.name} does not support ModelParallelStrategy (FSDP2).")
             mesh = getattr(strategy, "_device_mesh", None)
             tensor_parallel = mesh["tensor_parallel"].size() if mesh is not None else 1
             if tensor_parallel > 1:
@@ -449,6 +444,7 @@ class BalancingCallback(MultimodalCallback):
         self._initial_norms: dict[str, float] = {}
         self._warned: set[str] = set()
         self._loss_sums: Tensor | None = None
+        self._classes = 0
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """The checks of :class:`MultimodalCallback`, then the composition rules."""
@@ -510,16 +506,16 @@ class BalancingCallback(MultimodalCallback):
         """
         self.log_values(pl_module, {"step_ratio": dict(ratios)}, cadence_checked=True)
         losses, self._loss_sums = self._loss_sums, None
-        norms = self._encoder_norms(trainer, pl_module)
         if losses is None:
             return
         if trainer.world_size > 1:
             losses = trainer.strategy.reduce(losses, reduce_op="sum")
-        *loss_sums, count, classes = losses.tolist()
+        *loss_sums, count = losses.tolist()
+        norms = self._encoder_norms(trainer, pl_module)
         for m, norm, loss_sum in zip(self.modalities, norms, loss_sums, strict=True):
             start, loss = self._initial_norms.get(m, 0.0), loss_sum / max(count, 1.0)
             growing = start > 0 and norm > DIVERGENCE_GROWTH * start
-            if m not in self._warned and growing and loss > math.log(classes / max(count, 1.0)) and ratios[m] > 1:
+            if m not in self._warned and growing and loss > math.log(self._classes) and ratios[m] > 1:
                 self._warned.add(m)
                 rank_zero_warn(
                     f"{self.name}: the weight norm of the {m!r} encoder grew {norm / start:.1f}x since the start of "
@@ -534,11 +530,10 @@ class BalancingCallback(MultimodalCallback):
         """The micro-batch's record; on logging steps its unimodal losses are kept for the divergence test."""
         record = super().take_record(pl_module)
         if self.reports_step_ratio and record.unimodal_losses and self.logs_this_step(pl_module.trainer):
+            self._classes = record.output.logits.shape[1]
             losses = [record.unimodal_losses[m].detach().double() for m in self.modalities]
-            extra = torch.tensor(
-                [1.0, float(record.output.logits.shape[1])], dtype=torch.float64, device=losses[0].device
-            )
-            row = torch.cat([torch.stack(losses), extra])  # mean losses, one micro-batch, the class count
+            one = torch.ones(1, dtype=torch.float64, device=losses[0].device)
+            row = torch.cat([torch.stack(losses), one])  # the micro-batch's mean losses, and one micro-batch
             self._loss_sums = row if self._loss_sums is None else self._loss_sums + row
         return record
 
@@ -604,14 +599,19 @@ def loss_scale(trainer: pl.Trainer) -> Tensor | float:
     return scale if scale is not None else 1.0
 
 
-def fused_loss_gradients(
-    trainer: pl.Trainer, loss: Tensor, params: Sequence[Tensor], encoder_outputs: Sequence[Tensor] = ()
-) -> list[Tensor | None]:
-    """The gradient of ``loss`` on ``params`` (encoder parameters) as Lightning's backward would add it to ``.grad``.
+def add_loss_gradients(
+    trainer: pl.Trainer,
+    loss: Tensor,
+    params: Sequence[Tensor],
+    into: Sequence[Tensor],
+    encoder_outputs: Sequence[Tensor] = (),
+) -> None:
+    """Add the gradient of ``loss`` on ``params`` (encoder parameters), as Lightning's backward adds it to ``.grad``.
 
-    Call it in ``on_before_backward``, while the graph is alive. The gradient is divided by
-    ``accumulate_grad_batches`` as Lightning divides the loss, with the AMP scale undone; None where the loss does
-    not reach a parameter.
+    ``into`` holds one buffer per parameter, of the shape of the rank's part of it (the whole parameter, or its local
+    shard under FSDP2). Call it in ``on_before_backward``, while the graph is alive. The gradient is divided by
+    ``accumulate_grad_batches`` as Lightning divides the loss, with the AMP scale undone; parameters the loss does not
+    reach get nothing.
 
     - Replicated parameters (one device, DDP): ``torch.autograd.grad(..., retain_graph=True)``, the rank's own
       gradient (the caller averages it over ranks).
@@ -623,12 +623,32 @@ def fused_loss_gradients(
       module (the heads), whose gradient FSDP2 would otherwise fold into the step's own backward.
     """
     scale = loss_scale(trainer)
-    inverse = 1.0 / (scale * trainer.accumulate_grad_batches)
     if any(is_sharded(p) for p in params):
         grads = _encoder_gradients_by_backward(trainer, loss * scale, params, encoder_outputs)
     else:
         grads = list(torch.autograd.grad(loss * scale, list(params), retain_graph=True, allow_unused=True))
-    return [None if g is None else g * inverse for g in grads]
+    present = [(b, local(g)) for b, g in zip(into, grads, strict=True) if g is not None]
+    if not present:
+        return
+    buffers, gradients = [b for b, _ in present], [g for _, g in present]
+    inverse = 1.0 / (scale * trainer.accumulate_grad_batches)
+    if isinstance(inverse, Tensor):
+        torch._foreach_add_(buffers, torch._foreach_mul(gradients, inverse))
+    else:
+        torch._foreach_add_(buffers, gradients, alpha=inverse)
+
+
+def flat_buffers(params: Sequence[Tensor], rows: int) -> tuple[Tensor, list[list[Tensor]]]:
+    """A zero ``(rows, N)`` buffer over the rank's part of ``params``, and per row a view shaped like each part.
+
+    ``N`` is the total number of elements the rank holds (its shards under FSDP2); the dtype is float64 if a parameter
+    is, else float32.
+    """
+    shards = [local(p) for p in params]
+    dtype = torch.float64 if any(s.dtype == torch.float64 for s in shards) else torch.float32
+    buffer = torch.zeros(rows, sum(s.numel() for s in shards), dtype=dtype, device=shards[0].device)
+    views = [list(torch.split(row, [s.numel() for s in shards])) for row in buffer]
+    return buffer, [[v.view_as(s) for v, s in zip(row, shards, strict=True)] for row in views]
 
 
 def _encoder_gradients_by_backward(

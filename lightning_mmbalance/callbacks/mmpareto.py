@@ -13,7 +13,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from lightning_mmbalance.callbacks.base import BalancingCallback, StepStatistics, fused_loss_gradients, loss_scale
+from lightning_mmbalance.callbacks.base import BalancingCallback, StepStatistics, add_loss_gradients, flat_buffers
 from lightning_mmbalance.functional.mmpareto import _mmpareto_tensor_factors, _MMParetoProducts
 from lightning_mmbalance.utilities.checks import check_float
 from lightning_mmbalance.utilities.distributed import global_sums, local
@@ -93,46 +93,21 @@ class MMPareto(BalancingCallback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Allocate one ``(2, N)`` buffer for ``g_mm`` and ``g_u``, viewed per encoder tensor (at least float32)."""
         super().on_train_start(trainer, pl_module)
-        params = [local(p) for m in self.modalities for p in self.encoder_parameters(m)]  # a rank's shards under FSDP2
-        dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
-        self._buf = torch.zeros(2, sum(p.numel() for p in params), dtype=dtype, device=params[0].device)
-        offset = 0
+        params = [p for m in self.modalities for p in self.encoder_parameters(m)]
+        self._buf, (g_mm, g_u) = flat_buffers(params, rows=2)  # a rank's shards under FSDP2
+        offset, start = 0, 0
         for m in self.modalities:
-            start = offset
-            for p in self.encoder_parameters(m):
-                offset += local(p).numel()
-            self._slices[m] = slice(start, offset)
-            self._g_mm[m], self._g_u[m] = (self._views(row, start, m) for row in self._buf)
-
-    def _views(self, row: Tensor, offset: int, modality: str) -> list[Tensor]:
-        views = []
-        for p in self.encoder_parameters(modality):
-            shard = local(p)
-            views.append(row[offset : offset + shard.numel()].view_as(shard))
-            offset += shard.numel()
-        return views
+            count = len(self.encoder_parameters(m))
+            self._g_mm[m], self._g_u[m] = g_mm[offset : offset + count], g_u[offset : offset + count]
+            size = sum(v.numel() for v in self._g_mm[m])
+            self._slices[m] = slice(start, start + size)
+            offset, start = offset + count, start + size
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
         """Add this micro-batch's fused-loss gradient on the encoders, normalised as Lightning normalises ``loss``."""
         record = self.take_record(pl_module)
         params = [p for m in self.modalities for p in self.encoder_parameters(m)]
-        if self.sharded:  # a backward of the fused loss (FSDP2 reduce-scatters it): already averaged over ranks
-            sharded = fused_loss_gradients(trainer, record.fused_loss, params, self.encoder_outputs())
-            present_shards = [(b, local(g)) for b, g in zip(self._all_buffers(), sharded, strict=True) if g is not None]
-            if present_shards:
-                torch._foreach_add_([b for b, _ in present_shards], [g for _, g in present_shards])
-            return
-        scale = loss_scale(trainer)
-        grads = torch.autograd.grad(record.fused_loss * scale, params, retain_graph=True, allow_unused=True)
-        present = [(b, g) for b, g in zip(self._all_buffers(), grads, strict=True) if g is not None]
-        if present:
-            bufs, gs = zip(*present, strict=True)
-            # Lightning divides every micro-batch loss by accumulate_grad_batches; the AMP scale is undone here.
-            inv = 1.0 / (scale * trainer.accumulate_grad_batches)
-            if isinstance(inv, Tensor):
-                torch._foreach_add_(list(bufs), torch._foreach_mul(list(gs), inv))
-            else:
-                torch._foreach_add_(list(bufs), list(gs), alpha=inv)
+        add_loss_gradients(trainer, record.fused_loss, params, self._all_buffers(), self.encoder_outputs())
 
     def _all_buffers(self) -> list[Tensor]:
         return [b for m in self.modalities for b in self._g_mm[m]]

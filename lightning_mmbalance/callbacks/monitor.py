@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from lightning_mmbalance.callbacks.base import MultimodalCallback, StepStatistics, fused_loss_gradients
+from lightning_mmbalance.callbacks.base import MultimodalCallback, StepStatistics, add_loss_gradients, flat_buffers
 from lightning_mmbalance.callbacks.heldout import extract_features, loader_view, train_loader, validation_loader
 from lightning_mmbalance.contract import ForwardFn, StepRecord, run_forward
 from lightning_mmbalance.functional.arl import _arl_update
@@ -123,6 +123,7 @@ class ModalityMonitor(MultimodalCallback):
         self.linear_probe_accuracy: dict[str, float] = {}
         self.history: dict[str, list[tuple[int, float]]] = {}
         self._conflict: Tensor | None = None
+        self._conflict_views: list[list[Tensor]] = []
         self._before: dict[str, list[Tensor]] | None = None
         self._subsets: list[frozenset[str]] = []
         self._masking = True
@@ -180,16 +181,11 @@ class ModalityMonitor(MultimodalCallback):
 
     def _accumulate_conflict(self, trainer: pl.Trainer, record: StepRecord) -> None:
         params = [p for m in self.modalities for p in self.encoder_parameters(m)]
+        if self._conflict is None:
+            self._conflict, self._conflict_views = flat_buffers(params, rows=2)
         unimodal = torch.stack([record.unimodal_losses[m] for m in self.modalities]).sum()
-        rows = []
-        for loss in (record.fused_loss, unimodal):
-            grads = fused_loss_gradients(trainer, loss, params, self.encoder_outputs())
-            flat = [
-                local(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params, strict=True)
-            ]
-            rows.append(torch.cat(flat))
-        both = torch.stack(rows).detach()
-        self._conflict = both if self._conflict is None else self._conflict + both
+        for loss, views in zip((record.fused_loss, unimodal), self._conflict_views, strict=True):
+            add_loss_gradients(trainer, loss, params, views, self.encoder_outputs())
 
     def on_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stats: StepStatistics) -> None:
         """Log the step's statistics and conflict cosines; keep the weights for the update ratio."""
