@@ -59,6 +59,13 @@ def test_compare_rejects_non_positive(flag, capsys):
     assert "--seeds and --epochs must be >= 1" in capsys.readouterr().err
 
 
+def test_run_grid_needs_a_learning_rate():
+    from lightning_mmbalance.experiment import run_grid
+
+    with pytest.raises(ValueError, match="`lrs` must hold at least one learning rate"):
+        run_grid("baseline", 0, lrs=[])
+
+
 def test_compare_rejects_a_non_positive_learning_rate(capsys):
     assert main(["compare", "--lrs", "0.01", "0"]) == 2
     assert "every --lrs value must be > 0, got [0.01, 0.0]" in capsys.readouterr().err

@@ -129,3 +129,22 @@ def test_fsdp1_refused_with_a_pointer_to_fsdp2():
     trainer = SimpleNamespace(strategy=FSDPStrategy.__new__(FSDPStrategy))
     with pytest.raises(MisconfigurationException, match=r"FSDPStrategy \(FSDP1\).*ModelParallelStrategy"):
         ModalityMonitor()._check_strategy(trainer)
+
+
+def test_tensor_parallelism_refused():
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    strategy = ModelParallelStrategy.__new__(ModelParallelStrategy)
+    strategy._device_mesh = {"tensor_parallel": SimpleNamespace(size=lambda: 2)}
+    with pytest.raises(MisconfigurationException, match=r"data-parallel sharding only.*tensor-parallel size of 2"):
+        ModalityMonitor()._check_strategy(SimpleNamespace(strategy=strategy))
+
+
+def test_second_gradient_of_sharded_encoders_needs_their_outputs(monkeypatch):
+    import lightning_mmbalance.callbacks.base as base
+
+    monkeypatch.setattr(base, "is_sharded", lambda tensor: True)
+    trainer = SimpleNamespace(precision_plugin=SimpleNamespace(), accumulate_grad_batches=1)
+    param = torch.nn.Parameter(torch.ones(2))
+    with pytest.raises(RuntimeError, match="encoders' outputs are needed to take a second gradient; none were seen"):
+        base.add_loss_gradients(trainer, (param * 2).sum(), [param], [torch.zeros(2)])
