@@ -35,6 +35,9 @@ class MultimodalOutput:
 
     Example::
 
+        h_a, h_v = torch.randn(8, 16), torch.randn(8, 32)  # the encoders' features of a batch of 8
+        z_a, z_v = nn.Linear(16, 3)(h_a), nn.Linear(32, 3)(h_v)  # what each modality alone predicts
+        fused, y = z_a + z_v, torch.randint(0, 3, (8,))
         output = MultimodalOutput(
             logits=fused, unimodal_logits={"audio": z_a, "visual": z_v}, targets=y,
             features={"audio": h_a, "visual": h_v},
@@ -158,7 +161,8 @@ def validate_output(
         values: also check that the targets lie in ``[0, C)``, which synchronises with the device.
 
     Raises:
-        TypeError: ``output`` is not a MultimodalOutput, or the targets are not integer class indices.
+        TypeError: ``output`` is not a MultimodalOutput, the targets are not integer class indices, or a feature is not
+            a tensor.
         ValueError: modality keys differ from the encoders, or shapes disagree.
     """
     if not isinstance(output, MultimodalOutput):
@@ -198,6 +202,12 @@ def validate_output(
             f"modalities {sorted(modalities)}."
         )
     for modality, feat in output.features.items():
+        if not isinstance(feat, Tensor):
+            raise TypeError(
+                f"`features[{modality!r}]` must be a (B, D) tensor, got a {type(feat).__name__}. For an encoder that "
+                "returns a structure (a Hugging Face ModelOutput, say), pass the tensor the head reads, e.g. "
+                "`out.pooler_output` or `out.last_hidden_state[:, 0]`."
+            )
         if feat.ndim < 1 or feat.shape[0] != batch:
             raise ValueError(
                 f"`features[{modality!r}]` has shape {tuple(feat.shape)}; its first dimension must be the batch "

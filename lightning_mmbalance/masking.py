@@ -3,7 +3,9 @@
 Masked accuracy, utilisation and Shapley values need the module's prediction with some modalities absent. The
 package never looks inside a batch (tuples, dicts and dataclasses are all common): it replaces the *output* of each
 masked modality's encoder by zeros with a forward hook, runs the module's ordinary forward (eagerly, if it is
-compiled), and removes the hooks.
+compiled), and removes the hooks. An output that is a structure of tensors (a Hugging Face ``ModelOutput``, a dict,
+tuple, named tuple, list or dataclass, nested in any way) keeps its structure and class, with every tensor in it
+zeroed and every other value (None, numbers, strings) kept.
 The fusion head then sees zero features, exactly as :class:`~lightning_mmbalance.ZeroMaskFusion` and
 BalanceBenchmark do. A module that defines ``masked_forward(batch, masked: frozenset[str]) -> MultimodalOutput``
 overrides this.
@@ -17,26 +19,27 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from lightning_mmbalance.contract import ForwardFn, MultimodalOutput, run_forward
+from lightning_mmbalance.utilities.tree import map_tensors, tensor_leaves
 
 __all__ = ["MaskingError", "masked_forward", "zeroed_encoders"]
 
 
 class MaskingError(TypeError):
-    """Zeroing an encoder's output cannot mask this module (the encoder returns a non-tensor, or is never called)."""
+    """Zeroing an encoder's output cannot mask this module (the output holds no tensor, or the encoder never runs)."""
 
 
 @contextmanager
 def zeroed_encoders(encoders: Mapping[str, nn.Module], masked: Collection[str]) -> Iterator[set[str]]:
-    """Inside the block, every encoder of a modality in ``masked`` returns ``zeros_like`` its output.
+    """Inside the block, every encoder of a modality in ``masked`` returns its output with every tensor zeroed.
 
     Yields the set of masked modalities whose encoder actually ran, so that a caller can tell a module that bypasses
     its encoders' ``__call__`` (and so their hooks). The hooks are removed on exit, also after an error.
 
     Raises:
-        MaskingError: a masked encoder returned something other than a tensor.
+        MaskingError: a masked encoder returned something without any tensor in it.
         KeyError: ``masked`` names a modality that is not in ``encoders``.
     """
     unknown = set(masked) - set(encoders)
@@ -45,15 +48,18 @@ def zeroed_encoders(encoders: Mapping[str, nn.Module], masked: Collection[str]) 
     called: set[str] = set()
 
     def hook_for(modality: str) -> Any:
-        def zero_output(module: nn.Module, args: Any, output: Any) -> Tensor:
-            if not isinstance(output, Tensor):
+        def zero_output(module: nn.Module, args: Any, output: Any) -> Any:
+            if not tensor_leaves(output):
                 raise MaskingError(
                     f"Cannot mask modality {modality!r}: its encoder ({type(module).__name__}) returns a "
-                    f"{type(output).__name__}, not a tensor, so its output cannot be replaced by zeros. Give the "
-                    "module a method `masked_forward(batch, masked: frozenset[str]) -> MultimodalOutput`."
+                    f"{type(output).__name__} in which no tensor was found (tensors are looked for in tensors, dicts, "
+                    "lists, tuples, named tuples, dataclasses and Hugging Face ModelOutputs, nested in any way), so "
+                    "nothing can be replaced by zeros. Return one of these, register the class with "
+                    "`torch.utils._pytree.register_pytree_node`, or give the module a method "
+                    "`masked_forward(batch, masked: frozenset[str]) -> MultimodalOutput`."
                 )
             called.add(modality)
-            return torch.zeros_like(output)
+            return map_tensors(torch.zeros_like, output)
 
         return zero_output
 
@@ -80,16 +86,28 @@ def masked_forward(
 ) -> MultimodalOutput:
     """The module's output on ``batch`` with the encoders of the ``masked`` modalities returning zeros.
 
-    Uses ``module.masked_forward(batch, frozenset(masked))`` when the module defines it; otherwise zeroes the encoder
-    outputs with :func:`zeroed_encoders` around ``forward_fn(module, batch)`` (or ``module(batch)``). Zero features may
-    be out of distribution for the fusion head; read the results as indicators.
+    Uses ``module.masked_forward(batch, frozenset(masked))`` when the module defines it; otherwise zeroes every tensor
+    of the masked encoders' outputs with :func:`zeroed_encoders` around ``forward_fn(module, batch)`` (or
+    ``module(batch)``). Zero features may be out of distribution for the fusion head; read the results as indicators.
 
     Raises:
-        MaskingError: an encoder returns a non-tensor, or a masked encoder was not called through its ``__call__``
-            during the forward (its hook never ran, so nothing was masked).
+        MaskingError: a masked encoder's output holds no tensor, or a masked encoder was not called through its
+            ``__call__`` during the forward (its hook never ran, so nothing was masked).
 
     Example::
 
+        class AudioVisual(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.audio_net, self.visual_net, self.head = nn.Linear(6, 8), nn.Linear(4, 8), nn.Linear(16, 3)
+
+            def forward(self, batch: tuple[torch.Tensor, ...]) -> MultimodalOutput:
+                audio, visual, y = batch
+                logits = self.head(torch.cat([self.audio_net(audio), self.visual_net(visual)], dim=1))
+                return MultimodalOutput(logits=logits, unimodal_logits={}, targets=y)
+
+        model = AudioVisual()
+        batch = (torch.randn(16, 6), torch.randn(16, 4), torch.randint(0, 3, (16,)))
         out = masked_forward(model, batch, {"audio"}, {"audio": model.audio_net, "visual": model.visual_net})
         accuracy_without_audio = (out.logits.argmax(1) == out.targets).float().mean()
     """

@@ -61,6 +61,9 @@ def test_shape_errors():
     feats = MultimodalOutput(out.logits, {}, out.targets, features={"z": torch.zeros(4, 2)})
     with pytest.raises(ValueError, match=r"keys of `MultimodalOutput.features` \['z'\]"):
         validate_output(feats, ("a", "b"))
+    feats = MultimodalOutput(out.logits, {}, out.targets, features={"a": {"pooler_output": torch.zeros(4, 2)}})
+    with pytest.raises(TypeError, match=r"features\['a'\]` must be a \(B, D\) tensor, got a dict.*pooler_output"):
+        validate_output(feats)
 
 
 class Plain(nn.Module):

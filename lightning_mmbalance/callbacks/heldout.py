@@ -125,12 +125,12 @@ def isolated_rng(seed: int) -> Iterator[None]:
 
 
 @contextmanager
-def eval_mode(module: nn.Module) -> Iterator[None]:
-    """``module.eval()`` and ``torch.no_grad()`` inside; every submodule's ``training`` flag restored on exit."""
+def eval_mode(module: nn.Module, grad: bool = False) -> Iterator[None]:
+    """``module.eval()`` and ``torch.no_grad()`` (unless ``grad``) inside; every ``training`` flag restored on exit."""
     flags = [(m, m.training) for m in module.modules()]
     module.eval()
     try:
-        with torch.no_grad():
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             yield
     finally:
         for m, flag in flags:
@@ -178,9 +178,9 @@ def collect_features(
         classes = output.logits.shape[1]
         for m in modalities:
             f = output.features.get(m)
-            if f is None or f.ndim != 2:
-                shape = None if f is None else tuple(f.shape)
-                raise ValueError(f"{method} needs `MultimodalOutput.features[{m!r}]` as a (B, D) tensor, got {shape}.")
+            if not isinstance(f, Tensor) or f.ndim != 2:
+                got = tuple(f.shape) if isinstance(f, Tensor) else type(f).__name__
+                raise ValueError(f"{method} needs `MultimodalOutput.features[{m!r}]` as a (B, D) tensor, got {got}.")
             feats[m].append(f.detach() if f.dtype == torch.float64 else f.detach().float())
         labels.append(output.targets.detach())
     return {m: torch.cat(v) for m, v in feats.items()}, torch.cat(labels), classes

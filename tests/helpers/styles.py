@@ -3,8 +3,9 @@
 Each style differs from ``LateFusionClassifier`` in several ways at once: the batch structure (tuples, dicts, a
 dataclass), the fusion (concat, sum, separate unimodal heads, ``ZeroMaskFusion`` around a user head, a small attention
 fusion with its own unimodal heads), the encoders (MLP, conv + BatchNorm, ``nn.TransformerEncoder``, a frozen
-pretrained-like part), where the encoders live (a ``ModuleDict`` or dotted paths) and the number of modalities. None
-of them defines ``masked_forward``. Everything is module level, so that ``ddp_fork`` and pickling work.
+pretrained-like part, ``transformers`` models that return a ``ModelOutput``), where the encoders live (a
+``ModuleDict`` or dotted paths) and the number of modalities. None of them defines ``masked_forward``. Everything is
+module level, so that ``ddp_fork`` and pickling work.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from lightning_mmbalance import ConcatFusion, MultimodalOutput, SumFusion, ZeroM
 
 NUM_CLASSES = 3
 FEATURE = 6
+IMAGE, TOKENS, VOCAB, HIDDEN = (1, 8, 8), 6, 16, 16  # the Hugging Face style's sizes
 
 
 # ---------------------------------------------------------------------------------------------- encoders
@@ -135,8 +137,8 @@ class StyleData(pl.LightningDataModule):
     def __init__(self, style: type[StyleModule], n: int = 48, batch_size: int = 8) -> None:
         super().__init__()
         self.style = style
-        self.train_set = Samples(style.shapes, n, seed=0)
-        self.val_set = Samples(style.shapes, n // 2, seed=1)
+        self.train_set = style.samples(n, seed=0)
+        self.val_set = style.samples(n // 2, seed=1)
         self.batch_size = batch_size
 
     def _loader(self, dataset: Dataset, sharded: bool) -> DataLoader:
@@ -171,6 +173,11 @@ class StyleModule(pl.LightningModule):
     @property
     def modalities(self) -> tuple[str, ...]:
         return tuple(self.shapes)
+
+    @classmethod
+    def samples(cls, n: int, seed: int) -> Dataset:
+        """The style's data set: tensors of ``shapes`` by default."""
+        return Samples(cls.shapes, n, seed)
 
     def build(self) -> None:
         raise NotImplementedError
@@ -294,6 +301,70 @@ class ThreeModalities(StyleModule):
         return MultimodalOutput(fused.logits, fused.unimodal_logits, label, features)
 
 
+class ImageTextSamples(Dataset):
+    """Class-conditional 1 x 8 x 8 images (the strong modality) and padded token sequences (the weak one).
+
+    Each item is a dict as a Hugging Face processor returns it: ``pixel_values``, ``input_ids`` (0 is padding) and
+    ``attention_mask``, with the ``label``.
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        y = torch.arange(n) % NUM_CLASSES
+        means = torch.randn(NUM_CLASSES, *IMAGE, generator=torch.Generator().manual_seed(100))
+        self.pixels = 1.5 * means[y] + torch.randn(n, *IMAGE, generator=g)
+        band = 1 + 4 * y[:, None] + torch.randint(0, 4, (n, TOKENS), generator=g)  # each class favours 4 tokens
+        ids = torch.where(
+            torch.rand(n, TOKENS, generator=g) < 0.3, band, torch.randint(1, VOCAB, (n, TOKENS), generator=g)
+        )
+        lengths = torch.randint(TOKENS - 2, TOKENS + 1, (n,), generator=g)
+        self.mask = (torch.arange(TOKENS) < lengths[:, None]).long()
+        self.ids, self.y = ids * self.mask, y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        return {
+            "pixel_values": self.pixels[i],
+            "input_ids": self.ids[i],
+            "attention_mask": self.mask[i],
+            "label": self.y[i],
+        }
+
+
+class HuggingFaceImageText(StyleModule):
+    """``transformers`` encoders from tiny configs: a ViT (no pooler) and a BERT, both returning ``ModelOutput`` s.
+
+    Dict batches as a processor gives them; the fusion reads the image's class token (``last_hidden_state[:, 0]``)
+    and the text's ``pooler_output``, as ``ViTForImageClassification`` and ``BertForSequenceClassification`` do, into
+    ConcatFusion. Dropout is off, so that runs can be compared exactly.
+    """
+
+    shapes: ClassVar[dict[str, tuple[int, ...]]] = {"image": IMAGE, "text": (TOKENS,)}
+
+    @classmethod
+    def samples(cls, n: int, seed: int) -> Dataset:
+        return ImageTextSamples(n, seed)
+
+    def build(self) -> None:
+        from transformers import BertConfig, BertModel, ViTConfig, ViTModel
+
+        sizes = {"hidden_size": HIDDEN, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32}
+        no_dropout = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+        vit = ViTConfig(image_size=IMAGE[1], patch_size=4, num_channels=IMAGE[0], **sizes, **no_dropout)
+        bert = BertConfig(vocab_size=VOCAB, max_position_embeddings=TOKENS, type_vocab_size=1, **sizes, **no_dropout)
+        self.encoders = nn.ModuleDict({"image": ViTModel(vit, add_pooling_layer=False), "text": BertModel(bert)})
+        self.fusion = ConcatFusion(dict.fromkeys(self.shapes, HIDDEN), NUM_CLASSES)
+
+    def forward(self, batch: dict[str, Tensor]) -> MultimodalOutput:
+        image = self.encoders["image"](pixel_values=batch["pixel_values"])
+        text = self.encoders["text"](input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        features = {"image": image.last_hidden_state[:, 0], "text": text.pooler_output}
+        fused = self.fusion(features)
+        return MultimodalOutput(fused.logits, fused.unimodal_logits, batch["label"], features)
+
+
 STYLES: dict[str, type[StyleModule]] = {
     "tuple-concat-mlp": TupleConcat,
     "dict-sum-convbn": DictSumConvBN,
@@ -301,6 +372,7 @@ STYLES: dict[str, type[StyleModule]] = {
     "zeromask-frozen": ZeroMaskFrozen,
     "attention-paths": AttentionPaths,
     "three-modalities": ThreeModalities,
+    "huggingface-image-text": HuggingFaceImageText,
 }
 
 
