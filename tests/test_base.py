@@ -210,3 +210,15 @@ def test_step_values_follow_the_trainer_logging_cadence(tmp_path):
     acc.Reload()
     assert [e.step for e in acc.Scalars("mmbalance/share/factor/a")] == [2, 5]  # steps 3 and 6 (0-indexed 2, 5)
     assert len(cb.seen) == 7  # the method itself ran at every step
+
+
+def test_tensor_statistics_stay_tensors_after_the_reduction():
+    """Statistics named in ``tensor_statistics`` come back as device tensors of their shape, the others as floats."""
+    from types import SimpleNamespace
+
+    from lightning_mmbalance.callbacks.base import _reduce
+
+    sums = {"g": torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64), "s": torch.tensor([0.5, 1.5])}
+    stats = _reduce(SimpleNamespace(world_size=1), sums, 4.0, frozenset({"g"}))
+    assert stats.sums == {"s": [0.5, 1.5]} and stats.count == 4.0
+    assert torch.equal(stats.tensors["g"], sums["g"])

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 
 from lightning_mmbalance import OGMGE, MultimodalOutput, multimodal_loss
 from lightning_mmbalance.functional import ogm_coefficients, ogm_scores
+from lightning_mmbalance.functional.ogm_ge import _ogm_noise_seed
 from tests.helpers.tiny import SaveParams, TinyData, TinyModel, assert_states_close, load_ranks, trainer_kwargs
 from tests.helpers.tiny import fit as _fit
 
@@ -191,7 +192,7 @@ def _fit_one_step(cb, model, batch, epoch_window=None):
 
 def _noise_draws(model, seed, step=0):
     """The callback's draws: one standard normal per selected tensor, audio encoder then visual, in order."""
-    g = torch.Generator().manual_seed(seed * 2**32 + step)
+    g = OGMGE(seed=seed)._generator(torch.device("cpu"), step)
     shapes = [p.shape for enc in (model.audio_net, model.visual_net) for p in enc.parameters() if p.ndim == 4]
     return [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
 
@@ -366,8 +367,85 @@ def test_deepspeed_like_strategy_refused():
         OGMGE()._check_strategy(SimpleNamespace(strategy=DeepSpeedStrategy.__new__(DeepSpeedStrategy)))
 
 
-def test_noise_generator_is_reproducible():
-    cb = OGMGE()
-    a = torch.randn(3, generator=cb._generator(torch.device("cpu"), 5))
-    b = torch.randn(3, generator=cb._generator(torch.device("cpu"), 5))
-    torch.testing.assert_close(a, b, rtol=0, atol=0)
+def check_noise_seeds(device: torch.device) -> None:
+    """On ``device``: one seed repeats its noise; two seeds, or two steps, draw different noise."""
+
+    def draw(seed: int, step: int) -> torch.Tensor:
+        return torch.randn(8, generator=OGMGE(seed=seed)._generator(device, step), device=device)
+
+    torch.testing.assert_close(draw(0, 5), draw(0, 5), rtol=0, atol=0)
+    draws = [draw(0, 5), draw(1, 5), draw(2**31 - 1, 5), draw(0, 6)]
+    for i, a in enumerate(draws):
+        for b in draws[i + 1 :]:
+            assert not torch.equal(a, b)
+
+
+def test_noise_seed_matters_and_repeats_on_cpu():
+    check_noise_seeds(torch.device("cpu"))
+
+
+def test_noise_seed_keeps_low_32_bits_distinct():
+    """Torch's CPU generator keeps the low 32 bits of a seed: they differ between seeds and between steps."""
+    low = {_ogm_noise_seed(seed, step) % 2**32 for seed in range(20) for step in range(20)}
+    assert len(low) == 400
+    assert all(0 <= _ogm_noise_seed(s, 7) < 2**63 for s in (0, 2**31 - 1))
+
+
+def test_noise_differs_between_seeds_in_training():
+    """The `seed` argument changes the trained parameters (on CPU it used not to)."""
+    _, first = _fit([OGMGE(alpha=0.5, seed=0)], max_steps=2)
+    _, again = _fit([OGMGE(alpha=0.5, seed=0)], max_steps=2)
+    _, other = _fit([OGMGE(alpha=0.5, seed=1)], max_steps=2)
+    assert_states_close(first.state_dict(), again.state_dict(), atol=0)
+    assert not torch.equal(first.encoders["a"][0].weight, other.encoders["a"][0].weight)
+
+
+# ---------------------------------------------------------------------------------------------- P6: the journal's OGM
+@pytest.mark.parametrize(
+    ("alpha", "damped"), [(0.1, 0.9003320053750442), (0.8, 0.33596322973215087), (2.6, 0.010972597798900807)]
+)
+def test_p6_tie_rules(alpha, damped):
+    scores = {"audio": 2.0, "visual": 2.0}
+    assert ogm_coefficients(scores, alpha) == pytest.approx({"audio": damped, "visual": 1.0}, abs=1e-12)
+    assert ogm_coefficients(scores, alpha, tie="first") == ogm_coefficients(scores, alpha)
+    assert ogm_coefficients(scores, alpha, tie="last") == pytest.approx({"audio": 1.0, "visual": damped}, abs=1e-12)
+    three = ogm_coefficients({"x": 1.0, "y": 1.0, "z": 1.0}, alpha, tie="last")
+    assert three == pytest.approx({"x": 1.0, "y": 1.0, "z": damped}, abs=1e-12)
+
+
+def test_p6_unequal_scores_ignore_the_tie_rule():
+    scores = {"audio": 1.723699, "visual": 0.931614}
+    expected = {"audio": 0.0984977328511687, "visual": 1.0}
+    for tie in ("first", "last"):
+        assert ogm_coefficients(scores, 0.8, tie=tie) == pytest.approx(expected, abs=1e-12)
+    g = torch.Generator().manual_seed(1)
+    for s_a, s_v in torch.rand(100, 2, generator=g).tolist():
+        assert ogm_coefficients({"a": s_a, "v": s_v}, 0.3, "first") == ogm_coefficients(
+            {"a": s_a, "v": s_v}, 0.3, "last"
+        )
+
+
+def test_p6_journal_window():
+    """Journal warm-up (epochs <= 5 off) with window 0-60 is `modulation_starts=6, modulation_ends=60`."""
+    journal = OGMGE(alpha=0.8, modulation_starts=6, modulation_ends=60, tie="last", param_filter="conv")
+    assert [journal._in_window(e) for e in (0, 5, 6, 60, 61)] == [False, False, True, True, False]
+
+
+def test_o4_tie_last_damps_the_second_modality():
+    batch = _o4_batch(tie=True)
+    model = OfficialTiny(tie=True)
+    cb = OGMGE(
+        alpha=0.1, noise=False, param_filter="conv", tie="last", encoders={"audio": "audio_net", "visual": "visual_net"}
+    )
+    trainer = _fit_one_step(cb, model, batch)
+    assert float(trainer.callback_metrics["mmbalance/ogm_ge/coefficient/audio"]) == 1.0
+    assert float(trainer.callback_metrics["mmbalance/ogm_ge/coefficient/visual"]) == pytest.approx(0.900332, abs=1e-6)
+
+
+def test_tie_argument_and_state_key():
+    with pytest.raises(ValueError, match=r"`tie` must be one of \('first', 'last'\), got 'middle'"):
+        OGMGE(tie="middle")
+    with pytest.raises(ValueError, match=r"`tie` must be one of \('first', 'last'\), got 'none'"):
+        ogm_coefficients({"a": 1.0, "v": 1.0}, 0.1, tie="none")
+    assert OGMGE().state_key == OGMGE(tie="first").state_key != OGMGE(tie="last").state_key
+    assert "tie" not in OGMGE().state_key  # checkpoints of older versions keep their key

@@ -169,6 +169,8 @@ class ARL(BalancingCallback):
             norms += [squared_norm(grads, device), squared_norm(plain[offset : offset + len(params)], device)]
             offset += len(params)
         values = global_sums(trainer, torch.stack(norms), self.sharded)
+        squares = {m: values[2 * i : 2 * i + 2] for i, m in enumerate(self.modalities)}
+        self.check_finite(trainer, "the norms of its encoder gradients (with and without the unimodal losses)", squares)
         return {
             m: math.sqrt(values[2 * i] / values[2 * i + 1]) if values[2 * i + 1] > 0 else 1.0
             for i, m in enumerate(self.modalities)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
@@ -31,11 +31,14 @@ from lightning_mmbalance.contract import MultimodalOutput, StepRecord, resolve_e
 from lightning_mmbalance.utilities.checks import check_choice
 from lightning_mmbalance.utilities.compile import allow_retained_graphs, release_retained_graphs
 from lightning_mmbalance.utilities.distributed import global_sums, is_sharded, local, squared_norm
+from lightning_mmbalance.utilities.tree import map_tensors
 
 __all__ = [
     "ADAPTIVE_OPTIMIZERS",
     "MODULATE_MODES",
     "BalancingCallback",
+    "DivergenceError",
+    "DivergenceWarning",
     "MultimodalCallback",
     "StepSizeWarning",
     "StepStatistics",
@@ -66,6 +69,44 @@ class StepSizeWarning(UserWarning):
     """
 
 
+class DivergenceError(RuntimeError):
+    """A balancing callback's statistics, the gradients it reads or the encoder weights became NaN or infinite.
+
+    Raised at the step where the callback sees it, on every rank at once (the values it checks are identical across
+    ranks), with a message naming the callback, the modality, the step, the last ``step_ratio`` and the remedy: a lower
+    learning rate, or gradient clipping (``Trainer(gradient_clip_val=...)``). Steps that a GradScaler skips (an AMP
+    overflow under 16-mixed) are skipped as before and raise nothing.
+
+    Example::
+
+        from lightning.pytorch import Trainer
+
+        from lightning_mmbalance import ARL
+        from lightning_mmbalance.models import LateFusionClassifier
+
+        diverged = {}
+        for lr in (1e30, 0.01):  # the first rate makes the weights overflow at the first steps
+            model = LateFusionClassifier(dm.input_shapes, dm.num_classes, lr=lr)
+            try:
+                Trainer(max_epochs=1, callbacks=[ARL()], logger=False).fit(model, datamodule=dm)
+            except DivergenceError as err:  # a learning-rate sweep moves on to the next rate
+                diverged[lr] = str(err)
+    """
+
+
+class DivergenceWarning(UserWarning):
+    """The monitor's :class:`DivergenceError`: the same message, once per fit, and training goes on.
+
+    :class:`~lightning_mmbalance.ModalityMonitor` never changes training, so it warns where a balancing callback raises.
+
+    Example::
+
+        import warnings
+
+        warnings.simplefilter("error", DivergenceWarning)  # stop the fit when the monitor sees a divergence
+    """
+
+
 @dataclass(frozen=True)
 class StepStatistics:
     """A method's named per-step statistics: summed over the micro-batches of one optimizer step and over all ranks.
@@ -73,15 +114,19 @@ class StepStatistics:
     Attributes:
         sums: name -> the summed values, flattened, as Python floats.
         count: the number of samples they were summed over (0 when the method declares no statistics).
+        tensors: name -> the summed values of the statistics the callback lists in ``tensor_statistics`` (sums of
+            gradient-sized buffers), float64 tensors of their original shape, left on the device.
 
     Example::
 
-        stats["score"]          # [S_audio, S_visual], sums over the step's samples
-        stats.mean("entropy")   # the same divided by stats.count
+        stats = StepStatistics(sums={"score": [12.0, 6.0], "entropy": [3.2, 4.8]}, count=16)
+        stats["score"]          # [S_audio, S_visual], sums over the step's 16 samples
+        stats.mean("entropy")   # the same divided by stats.count: [0.2, 0.3]
     """
 
     sums: dict[str, list[float]]
     count: float
+    tensors: dict[str, Tensor] = field(default_factory=dict)
 
     def __getitem__(self, name: str) -> list[float]:
         return self.sums[name]
@@ -103,6 +148,11 @@ class MultimodalCallback(Callback):
       across ranks, unscaled by AMP, not yet clipped), under ``torch.no_grad()``. Not called on a step that a
       GradScaler skips (non-finite gradients); :meth:`discard_step` is called instead.
     - :meth:`take_record` in an overridden ``on_before_backward``: the micro-batch's :class:`StepRecord`.
+    - :meth:`check_finite`: the base class checks the reduced step statistics at every step and the encoder weights
+      at the end of every training epoch; a method passes any other value it reads (gradient norms, dot products,
+      held-out losses) to it. A NaN or infinite value raises :class:`DivergenceError` at that step
+      (``divergence = "raise"``), or warns once with :class:`DivergenceWarning` (``"warn"``, for a callback that
+      never changes training).
 
     Args:
         encoders: modality -> dotted attribute path of its encoder. None uses ``pl_module.encoders``
@@ -127,6 +177,10 @@ class MultimodalCallback(Callback):
     supports_manual_optimization: ClassVar[bool] = False
     state_version: ClassVar[int] = 1
     """Version of :meth:`state_dict`; checkpoints of any version from 1 to this one load."""
+    tensor_statistics: ClassVar[frozenset[str]] = frozenset()
+    """Statistics reduced in the same collective but kept as tensors on the device (``StepStatistics.tensors``)."""
+    divergence: ClassVar[str] = "raise"
+    """What a non-finite value does (:meth:`check_finite`): ``"raise"`` a DivergenceError or ``"warn"`` once."""
 
     def __init__(self, encoders: Mapping[str, str] | None = None) -> None:
         if encoders is not None:
@@ -147,8 +201,9 @@ class MultimodalCallback(Callback):
         self._count = 0.0
         self._output_checked = False
         self.sharded = False
-        self._encoder_outputs: dict[str, Tensor] = {}
+        self._encoder_outputs: dict[str, list[Tensor]] = {}
         self._output_hooks: list[RemovableHandle] = []
+        self._divergence_warned = False
 
     # ------------------------------------------------------------------ read-only views
     @property
@@ -168,7 +223,12 @@ class MultimodalCallback(Callback):
 
     @property
     def needs_retained_graph(self) -> bool:
-        """Whether the callback takes a second gradient of the step's forward (``autograd.grad`` with a kept graph)."""
+        """Whether the callback takes a second gradient of the step's forward (``autograd.grad`` with a kept graph).
+
+        If so, ``setup`` makes compiled backwards safe to run twice for the whole fit (``utilities/compile.py``), even
+        when the second gradient is taken on logging steps only: which graphs a logging step meets is not known when
+        they are compiled.
+        """
         return False
 
     @property
@@ -263,6 +323,7 @@ class MultimodalCallback(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Collect each encoder's optimised parameters (and, under FSDP2, watch the encoders' outputs if needed)."""
+        self._divergence_warned = False
         optimised = {id(p) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
         self._params = {
             m: [p for p in enc.parameters() if p.requires_grad and id(p) in optimised]
@@ -272,15 +333,37 @@ class MultimodalCallback(Callback):
             self._output_hooks = [enc.register_forward_hook(self._keep_output(m)) for m, enc in self._encoders.items()]
 
     def _keep_output(self, modality: str) -> Any:
-        def keep(module: nn.Module, args: Any, output: Any) -> None:
-            if torch.is_grad_enabled() and isinstance(output, Tensor):
-                self._encoder_outputs[modality] = output
+        """A forward hook that keeps the output's differentiable tensors, each passed on as a view of itself.
+
+        The views are what the rest of the forward reads, so the gradient with respect to one of them is the loss's
+        partial derivative through that tensor alone, also when another kept tensor is computed from it inside the
+        encoder (a ``ModelOutput``'s ``pooler_output`` from its ``last_hidden_state``); a backward of the views with
+        those gradients then sums each path once. A view changes no value.
+        """
+
+        def keep(module: nn.Module, args: Any, output: Any) -> Any:
+            if not torch.is_grad_enabled():
+                return None
+            kept: list[Tensor] = []
+
+            def boundary(tensor: Tensor) -> Tensor:
+                if tensor.requires_grad:
+                    tensor = tensor.view_as(tensor)
+                    kept.append(tensor)
+                return tensor
+
+            output = map_tensors(boundary, output)
+            self._encoder_outputs[modality] = kept
+            return output
 
         return keep
 
     def encoder_outputs(self) -> list[Tensor]:
-        """The encoders' outputs of the current training forward (kept under FSDP2 only, for second gradients)."""
-        return [self._encoder_outputs[m] for m in self.modalities if m in self._encoder_outputs]
+        """The differentiable tensors in the encoders' outputs of the current training forward (FSDP2 only).
+
+        They are kept for second gradients; an encoder may return a tensor or any structure of tensors.
+        """
+        return [t for m in self.modalities for t in self._encoder_outputs.get(m, [])]
 
     # ------------------------------------------------------------------ the micro-batch record
     def receive_record(self, record: StepRecord) -> None:
@@ -331,7 +414,8 @@ class MultimodalCallback(Callback):
         if not _step_is_finite(trainer, optimizer, self.sharded):
             self.discard_step()
             return
-        stats = _reduce(trainer, sums, count)
+        stats = _reduce(trainer, sums, count, self.tensor_statistics)
+        self._check_statistics(trainer, stats)
         with torch.no_grad():
             self.on_step(trainer, pl_module, stats)
 
@@ -340,6 +424,84 @@ class MultimodalCallback(Callback):
 
     def discard_step(self) -> None:
         """Forget what was accumulated for a step that the GradScaler skips (non-finite gradients)."""
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Check that the encoder weights are finite (one norm per encoder: the weights a last step may have broken)."""
+        norms = self._encoder_norms(trainer, pl_module)
+        when = f"at the end of epoch {trainer.current_epoch} (after step {trainer.global_step - 1})"
+        self.check_finite(trainer, "the encoder weights", dict(zip(self.modalities, norms, strict=True)), when)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """Give back what ``setup`` took when the fit fails (Lightning calls no ``teardown`` then)."""
+        self.teardown(trainer, pl_module, "fit")
+
+    # ------------------------------------------------------------------ divergence
+    def check_finite(
+        self,
+        trainer: pl.Trainer,
+        what: str,
+        values: Mapping[str, float | Sequence[float]],
+        when: str | None = None,
+    ) -> None:
+        """Report a divergence (:meth:`report_divergence`) if one of ``values`` is NaN or infinite.
+
+        ``values`` maps each modality (or another name, such as ``"fused"``) to the floats the callback read for it,
+        already on the host and identical on every rank (reduced, or computed from synchronised gradients or
+        replicated weights), so that checking them is free and every rank decides alike. ``what`` names them in the
+        message ("the norms of its encoder gradients"); ``when`` defaults to the current optimizer step.
+        """
+        bad = [
+            key
+            for key, value in values.items()
+            if not all(math.isfinite(v) for v in (value if isinstance(value, Sequence) else (value,)))
+        ]
+        if bad:
+            self.report_divergence(trainer, what, bad, when)
+
+    def report_divergence(self, trainer: pl.Trainer, what: str, keys: Sequence[str], when: str | None = None) -> None:
+        """Raise :class:`DivergenceError` (or warn once, with ``divergence = "warn"``): ``what`` is not finite.
+
+        The message names the callback, the modalities (``keys``), the step (``when``), the last ``step_ratio`` and
+        the remedy.
+
+        Raises:
+            DivergenceError: with ``divergence = "raise"`` (every balancing method).
+        """
+        modalities = [repr(k) for k in keys if k in self.modalities]
+        others = [repr(k) for k in keys if k not in self.modalities]
+        subject = ", ".join(
+            ([("modality " if len(modalities) == 1 else "modalities ") + ", ".join(modalities)] if modalities else [])
+            + others
+        )
+        when = when or f"at step {trainer.global_step} (epoch {trainer.current_epoch})"
+        message = (
+            f"{self.name}: {what} for {subject} became non-finite (NaN or inf) {when}: training has diverged. "
+            f"{self._step_ratio_note()}. Lower the learning rate (the method's page under docs/ has a rule of thumb), "
+            "or clip the gradients with `Trainer(gradient_clip_val=...)`."
+        )
+        if self.divergence == "raise":
+            raise DivergenceError(message)
+        if not self._divergence_warned:
+            self._divergence_warned = True
+            rank_zero_warn(message, category=DivergenceWarning)
+
+    def _step_ratio_note(self) -> str:
+        return f"step_ratio: not measured by {self.name}"
+
+    def _check_statistics(self, trainer: pl.Trainer, stats: StepStatistics) -> None:
+        """Check the reduced step statistics; a statistic with one entry per modality names the modality."""
+        if all(math.isfinite(v) for values in stats.sums.values() for v in values):
+            return
+        n = len(self.modalities)
+        per_modality = {m: [v[i] for v in stats.sums.values() if len(v) == n] for i, m in enumerate(self.modalities)}
+        others = {name: v for name, v in stats.sums.items() if len(v) != n}
+        what = f"its step statistics ({', '.join(stats.sums)})"
+        self.check_finite(trainer, what, {**per_modality, **others})
+
+    def _encoder_norms(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[float]:
+        """Each encoder's weight norm (its trained parameters), global under sharding: one collective at most."""
+        squares = torch.stack([squared_norm(self.encoder_parameters(m), pl_module.device) for m in self.modalities])
+        return [math.sqrt(v) for v in global_sums(trainer, squares, self.sharded)]
 
     # ------------------------------------------------------------------ logging
     def tag(self, quantity: str, modality: str | None = None) -> str:
@@ -408,10 +570,12 @@ class BalancingCallback(MultimodalCallback):
     encoder gradients in place, or calls :meth:`scale_update_after_step`) and declares what it changes, which
     ``setup`` uses to refuse combinations whose result would depend on callback order:
 
-    - ``sets_loss_weights``: it returns weights from :meth:`loss_weights`; at most one such callback per Trainer.
+    - ``sets_loss_weights``: it returns weights from :meth:`loss_weights`; at most one such callback per Trainer. A
+      class attribute, or an instance attribute set in ``__init__`` when it depends on the arguments.
     - ``gradient_action``: ``"scale"`` if it multiplies encoder gradients by per-modality factors (any number of
-      these compose: factors multiply, in any order), ``"replace"`` if it rewrites them from other quantities (it
-      cannot share a Trainer with another callback that acts on gradients), None if it leaves gradients alone.
+      these compose: factors multiply, in any order), ``"replace"`` if it rewrites them from other quantities,
+      ``"add"`` if it adds a term to them (neither of these two can share a Trainer with another callback that acts
+      on gradients: the result would depend on the order), None if it leaves gradients alone.
 
     Args:
         encoders: modality -> dotted attribute path of its encoder. None uses ``pl_module.encoders``.
@@ -429,7 +593,7 @@ class BalancingCallback(MultimodalCallback):
                 torch._foreach_mul_(self.encoder_gradients(self.modalities[0]), 0.5)
     """
 
-    sets_loss_weights: ClassVar[bool] = False
+    sets_loss_weights: bool = False
     gradient_action: ClassVar[str | None] = None
     reports_step_ratio: ClassVar[bool] = False
     """Whether the method calls :meth:`report_step_ratio` (its unimodal losses are then kept on logging steps)."""
@@ -445,6 +609,7 @@ class BalancingCallback(MultimodalCallback):
         self._warned: set[str] = set()
         self._loss_sums: Tensor | None = None
         self._classes = 0
+        self._last_step_ratio: tuple[int, dict[str, float]] | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """The checks of :class:`MultimodalCallback`, then the composition rules."""
@@ -461,18 +626,21 @@ class BalancingCallback(MultimodalCallback):
         super().on_train_start(trainer, pl_module)
         self._initial_norms = dict(zip(self.modalities, self._encoder_norms(trainer, pl_module), strict=True))
         self._warned = set()
+        self._last_step_ratio = None
         self._remove_step_hooks()
         if self.modulate == "update":
             self._step_hooks = [opt.register_step_post_hook(self._after_optimizer_step) for opt in trainer.optimizers]
         if self.modulate == "gradient":
             adaptive = [type(opt).__name__ for opt in trainer.optimizers if isinstance(opt, ADAPTIVE_OPTIMIZERS)]
             if adaptive:
-                rank_zero_warn(
-                    f"{self.name} scales gradients, but {adaptive[0]} normalises gradient magnitudes, which largely "
-                    f"undoes the scaling. Pass `modulate='update'` to {self.name} to scale the parameter updates "
-                    "instead.",
-                    category=UserWarning,
-                )
+                rank_zero_warn(self.adaptive_optimizer_message(adaptive[0]), category=UserWarning)
+
+    def adaptive_optimizer_message(self, optimizer: str) -> str:
+        """The warning given once in gradient mode with an adaptive ``optimizer`` (a method that adds says so)."""
+        return (
+            f"{self.name} scales gradients, but {optimizer} normalises gradient magnitudes, which largely undoes the "
+            f"scaling. Pass `modulate='update'` to {self.name} to scale the parameter updates instead."
+        )
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -502,8 +670,12 @@ class BalancingCallback(MultimodalCallback):
         norm at the start of the fit; the modality's own prediction is no better than chance (its unimodal loss, over
         the step, is above ``ln C``, C classes: a running-away or dead encoder, not one that grows while it learns);
         and the callback enlarges its steps (``ratios[m] > 1``). The warning (:class:`StepSizeWarning`) names the
-        callback, the modality and the remedy, at the step it happens.
+        callback, the modality and the remedy, at the step it happens. A NaN or infinite ratio, weight norm or
+        unimodal loss is not compared with anything: it raises :class:`DivergenceError` (:meth:`check_finite`), and
+        the last finite ratios are what its message reports.
         """
+        self.check_finite(trainer, "its step_ratio (from the encoder gradients)", ratios)
+        self._last_step_ratio = (trainer.global_step, dict(ratios))
         self.log_values(pl_module, {"step_ratio": dict(ratios)}, cadence_checked=True)
         losses, self._loss_sums = self._loss_sums, None
         if losses is None:
@@ -512,6 +684,8 @@ class BalancingCallback(MultimodalCallback):
             losses = trainer.strategy.reduce(losses, reduce_op="sum")
         *loss_sums, count = losses.tolist()
         norms = self._encoder_norms(trainer, pl_module)
+        what = "the encoder weights or the unimodal losses"
+        self.check_finite(trainer, what, {m: [n, v] for m, n, v in zip(self.modalities, norms, loss_sums, strict=True)})
         for m, norm, loss_sum in zip(self.modalities, norms, loss_sums, strict=True):
             start, loss = self._initial_norms.get(m, 0.0), loss_sum / max(count, 1.0)
             growing = start > 0 and norm > DIVERGENCE_GROWTH * start
@@ -526,6 +700,14 @@ class BalancingCallback(MultimodalCallback):
                     category=StepSizeWarning,
                 )
 
+    def _step_ratio_note(self) -> str:
+        if not self.reports_step_ratio:
+            return super()._step_ratio_note()
+        if self._last_step_ratio is None:
+            return "step_ratio: not measured yet (it is measured on the steps the Trainer logs)"
+        step, ratios = self._last_step_ratio
+        return f"Last step_ratio (step {step}): " + ", ".join(f"{m!r} {r:.3g}" for m, r in ratios.items())
+
     def take_record(self, pl_module: pl.LightningModule) -> StepRecord:
         """The micro-batch's record; on logging steps its unimodal losses are kept for the divergence test."""
         record = super().take_record(pl_module)
@@ -536,11 +718,6 @@ class BalancingCallback(MultimodalCallback):
             row = torch.cat([torch.stack(losses), one])  # the micro-batch's mean losses, and one micro-batch
             self._loss_sums = row if self._loss_sums is None else self._loss_sums + row
         return record
-
-    def _encoder_norms(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[float]:
-        """Each encoder's weight norm (its trained parameters), global under sharding: one collective at most."""
-        squares = torch.stack([squared_norm(self.encoder_parameters(m), pl_module.device) for m in self.modalities])
-        return [math.sqrt(v) for v in global_sums(trainer, squares, self.sharded)]
 
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if not self._pending:
@@ -582,14 +759,21 @@ def _check_composition(trainer: pl.Trainer) -> None:
             f"Callbacks {setters} all set the loss weights of `multimodal_loss`; use at most one of them."
         )
     actors = [cb for cb in methods if cb.gradient_action is not None]
-    replacing = [cb.name for cb in actors if cb.gradient_action == "replace"]
-    if replacing and len(actors) > 1:
-        others = [cb.name for cb in actors if cb.name != replacing[0]]
+    exclusive = [cb for cb in actors if cb.gradient_action in _EXCLUSIVE_ACTIONS]
+    if exclusive and len(actors) > 1:
+        first = exclusive[0]
+        others = [cb.name for cb in actors if cb is not first]
+        action = _EXCLUSIVE_ACTIONS[str(first.gradient_action)]
         raise MisconfigurationException(
-            f"{replacing[0]} replaces each encoder's gradient, and {others} also change encoder gradients: the result "
-            f"would depend on the callbacks' order. Use {replacing[0]} alone, or a gradient scaler such as OGMGE "
-            "together with a loss-weighting method other than it (see the composition table in the README)."
+            f"{first.name} {action}, and {others} also change encoder gradients: "
+            f"the result would depend on the callbacks' order. Use {first.name} alone, or a gradient scaler such as "
+            "OGMGE together with a loss-weighting method other than it (see the composition table in "
+            "docs/composition.md)."
         )
+
+
+_EXCLUSIVE_ACTIONS = {"replace": "replaces each encoder's gradient", "add": "adds a term to each encoder's gradient"}
+"""Gradient actions that compose with no other one, and how the refusal describes them."""
 
 
 def loss_scale(trainer: pl.Trainer) -> Tensor | float:
@@ -694,19 +878,31 @@ def _step_is_finite(trainer: pl.Trainer, optimizer: torch.optim.Optimizer, shard
     return not bool(flag)
 
 
-def _reduce(trainer: pl.Trainer, sums: Mapping[str, Tensor], count: float) -> StepStatistics:
-    """Sum every named statistic and the count across ranks in one collective; one device-to-host copy."""
+def _reduce(
+    trainer: pl.Trainer, sums: Mapping[str, Tensor], count: float, kept: frozenset[str] = frozenset()
+) -> StepStatistics:
+    """Sum every named statistic and the count across ranks in one collective; one device-to-host copy.
+
+    The statistics named in ``kept`` come back as tensors (not copied to the host); they follow the count.
+    """
     if not sums:
         return StepStatistics({}, 0.0)
-    flat = [v.reshape(-1) for v in sums.values()]
-    device = flat[0].device
-    stacked = torch.cat([*flat, torch.tensor([count], dtype=torch.float64, device=device)])
+    host = {key: v.reshape(-1) for key, v in sums.items() if key not in kept}
+    device = next(iter(sums.values())).device
+    count_row = torch.tensor([count], dtype=torch.float64, device=device)
+    stacked = torch.cat([*host.values(), count_row, *(v.reshape(-1) for key, v in sums.items() if key in kept)])
     if trainer.world_size > 1:
         stacked = trainer.strategy.reduce(stacked, reduce_op="sum")
-    values = stacked.tolist()
+    size = sum(v.numel() for v in host.values())
+    values = stacked[: size + 1].tolist()
     out: dict[str, list[float]] = {}
     offset = 0
-    for key, v in zip(sums, flat, strict=True):
+    for key, v in host.items():
         out[key] = values[offset : offset + v.numel()]
         offset += v.numel()
-    return StepStatistics(out, values[-1])
+    tensors: dict[str, Tensor] = {}
+    offset += 1
+    for key in (key for key in sums if key in kept):
+        tensors[key] = stacked[offset : offset + sums[key].numel()].view_as(sums[key])
+        offset += sums[key].numel()
+    return StepStatistics(out, values[-1], tensors)

@@ -8,7 +8,7 @@ measures the losses on held-out data (with :mod:`lightning_mmbalance.callbacks.h
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -212,14 +212,27 @@ class GradientBlending(BalancingCallback):
     def _measure_round(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule
     ) -> tuple[Losses, Losses, Losses, Losses] | None:
-        """(train_start, val_start, train_end, val_end) mean losses per head, or None on the first joint round."""
+        """(train_start, val_start, train_end, val_end) mean losses per head, or None on the first joint round.
+
+        Raises:
+            DivergenceError: a measured loss is NaN or infinite.
+        """
         if self.estimator == "copies":
-            return self._copies_round(trainer, pl_module)
+            losses = self._copies_round(trainer, pl_module)
+            self._check_losses(trainer, "the losses of its estimation round (the model and each head's copy)", losses)
+            return losses
         measured = self._joint_measure(trainer, pl_module)
+        self._check_losses(trainer, "the training and held-out losses of its estimation round", measured.values())
         previous, self._joint_last = self._joint_last, measured
         if previous is None:
             return None
         return previous["train"], previous["val"], measured["train"], measured["val"]
+
+    def _check_losses(self, trainer: pl.Trainer, what: str, losses: Iterable[Losses]) -> None:
+        per_head = {h: [measured[h] for measured in losses] for h in self.heads}
+        epoch, step = trainer.current_epoch, trainer.global_step
+        when = f"in the estimation round at the start of epoch {epoch} (before step {step})"
+        self.check_finite(trainer, what, per_head, when)
 
     # ------------------------------------------------------------------ estimation
     def _views(self, trainer: pl.Trainer, seed: int) -> tuple[DataLoader, DataLoader, int]:

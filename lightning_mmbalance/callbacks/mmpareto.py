@@ -33,8 +33,9 @@ class MMPareto(BalancingCallback):
     Only ``g_mm`` costs an extra autograd pass (``torch.autograd.grad`` of the fused loss, taken in
     ``on_before_backward``); ``g_u`` is the synchronised ``.grad`` minus ``g_mm``. This assumes the encoder's own
     unimodal loss is the only one reaching it, which holds for ``ConcatFusion``, ``SumFusion``, separate unimodal
-    heads and ``ZeroMaskFusion``. With ``torch.compile``, AOTAutograd's donated buffers are switched off during the
-    fit so that compiled backwards accept the kept graph (see ``docs/mmpareto.md``).
+    heads and ``ZeroMaskFusion``. With ``torch.compile``, AOTAutograd's donated buffers and Inductor's in-place buffers
+    are switched off during the fit, so that compiled backwards accept the kept graph and keep it intact (see
+    ``docs/compile.md``).
 
     MMPareto replaces the encoder gradients, so it cannot share a Trainer with another callback that changes them
     (OGMGE, ARL); it composes with DiagnosingRelearning and ModalityMonitor.
@@ -124,9 +125,8 @@ class MMPareto(BalancingCallback):
         if trainer.world_size > 1 and not self.sharded:
             g_mm.copy_(trainer.strategy.reduce(g_mm, reduce_op="mean"))
         products = self._encoder_products(trainer)
-        if not all(math.isfinite(v) for row in products.values() for v in (row.v11, row.v12, row.v22)):
-            g_mm.zero_()
-            return
+        dots = {m: [row.v11, row.v12, row.v22] for m, row in products.items()}
+        self.check_finite(trainer, "the dot products of its fused-loss and unimodal-loss gradients", dots)
         weights = {m: row.weights() for m, row in products.items()}
         plan = self._form_directions(trainer, weights)
         logs: dict[str, dict[str, float]] = {"cos": {}, "w_mm": {}, "conflict": {}, "grad_norm_ratio": {}}

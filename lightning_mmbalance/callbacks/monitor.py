@@ -55,15 +55,19 @@ class ModalityMonitor(MultimodalCallback):
     modality masked (``masked_acc``) and the conditional utilisation rate
     :math:`u_m = (acc_{all} - acc_{all \setminus m}) / acc_{all}` (``utilization``); with ``shapley`` (up to 4
     modalities), the Shapley value of accuracy over the masked subsets (``shapley``). A modality is masked by
-    replacing its encoder's output with zeros (forward hooks, whatever the batch looks like; see
-    :mod:`lightning_mmbalance.masking`), or by the module's own ``masked_forward(batch, masked)`` if it defines one.
-    If an encoder's output cannot be zeroed (it is not a tensor), the masked measurements are skipped with one
-    warning.
+    zeroing every tensor of its encoder's output, a tensor or a structure such as a Hugging Face ``ModelOutput``
+    (forward hooks, whatever the batch looks like; see :mod:`lightning_mmbalance.masking`), or by the module's own
+    ``masked_forward(batch, masked)`` if it defines one. If a masked encoder's output holds no tensor, the masked
+    measurements are skipped with one warning.
 
     At the end of training, with ``linear_probe``: a logistic-regression probe of each encoder's features, fitted on the
     training set and scored on the validation set (``linear_probe``), available as :attr:`linear_probe_accuracy`.
     A summary figure (per-modality accuracy and each attached method's coefficients over steps) is written to the
     logger's folder as ``mmbalance_summary.png``. All values are reduced across DDP ranks before logging.
+
+    A measured value that is NaN or infinite (a step statistic, a gradient norm or dot product, the encoder weights at
+    the end of an epoch) gives one :class:`~lightning_mmbalance.DivergenceWarning` naming the modality and the step;
+    training goes on, since the monitor never changes it (the balancing callbacks raise ``DivergenceError``).
 
     Args:
         every_n_steps: measure and log the per-step quantities every this many optimizer steps, int >= 1. Lightning
@@ -94,6 +98,7 @@ class ModalityMonitor(MultimodalCallback):
 
     method = "monitor"
     supports_manual_optimization = True
+    divergence = "warn"
     state_version = 2
 
     def __init__(
@@ -229,6 +234,8 @@ class ModalityMonitor(MultimodalCallback):
             rows.append(torch.stack([f @ f, f @ u, u @ u]))
             offset += size
         flat = global_sums(trainer, torch.stack(rows).flatten(), self.sharded)
+        dots = {m: flat[3 * i : 3 * i + 3] for i, m in enumerate(self.modalities)}
+        self.check_finite(trainer, "the dot products of its conflict test's gradients", dots)
         products = [_MMParetoProducts(*flat[3 * i : 3 * i + 3]) for i in range(len(self.modalities))]
         cos = {m: p.cos for m, p in zip(self.modalities, products, strict=True)}
         return {"cos": cos, "conflict": {m: float(p.conflict) for m, p in zip(self.modalities, products, strict=True)}}
@@ -254,6 +261,9 @@ class ModalityMonitor(MultimodalCallback):
             delta = list(torch._foreach_sub(after, before[m])) if params else []
             squares += [squared_norm(t, device) for t in (grads, delta, before[m])]
         flat = [math.sqrt(v) for v in global_sums(trainer, torch.stack(squares), self.sharded)]
+        norms = {m: flat[3 * i : 3 * i + 3] for i, m in enumerate(self.modalities)}
+        when = f"after step {trainer.global_step - 1} (epoch {trainer.current_epoch})"
+        self.check_finite(trainer, "the norms of the applied encoder gradients, updates and weights", norms, when)
         grad_norm, update_ratio = {}, {}
         for i, m in enumerate(self.modalities):
             grad, update, weight = flat[3 * i : 3 * i + 3]
@@ -355,9 +365,16 @@ class ModalityMonitor(MultimodalCallback):
             )
             for loader in (train_loader(trainer, self.name), validation_loader(trainer, self.name))
         )
+        broken = [m for m in self.modalities if not all(bool(f[0][m].isfinite().all()) for f in (train, val))]
+        if broken:  # every rank holds the same gathered features: all decide alike; the probe gets NaN, not fitted
+            when = f"at the end of training (after step {trainer.global_step - 1})"
+            self.report_divergence(trainer, "the encoder features of its linear probes", broken, when)
         result: dict[str, float] = {}
         if trainer.is_global_zero:
-            result = {m: probe_accuracy(train[0][m], train[1], val[0][m], val[1]) for m in self.modalities}
+            result = {
+                m: math.nan if m in broken else probe_accuracy(train[0][m], train[1], val[0][m], val[1])
+                for m in self.modalities
+            }
         return trainer.strategy.broadcast(result, src=0)
 
     def _write_figure(self, trainer: pl.Trainer) -> None:

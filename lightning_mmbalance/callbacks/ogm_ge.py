@@ -15,7 +15,13 @@ from torch import Tensor, nn
 
 from lightning_mmbalance.callbacks.base import BalancingCallback, StepStatistics
 from lightning_mmbalance.contract import StepRecord
-from lightning_mmbalance.functional.ogm_ge import _ogm_coefficient_compute, _ogm_ratio_compute, _ogm_score_update
+from lightning_mmbalance.functional.ogm_ge import (
+    TIE_RULES,
+    _ogm_coefficient_compute,
+    _ogm_noise_seed,
+    _ogm_ratio_compute,
+    _ogm_score_update,
+)
 from lightning_mmbalance.utilities.checks import check_bool, check_choice, check_float, check_int
 from lightning_mmbalance.utilities.distributed import distribute_like, global_sums, local, squared_norm
 
@@ -56,6 +62,9 @@ class OGMGE(BalancingCallback):
             optimizer step, which survives Adam-type optimizers.
         seed: seed of the noise generator, int in ``[0, 2**31)``; the stream is a function of (seed, global step),
             identical on every rank and exact on resume.
+        tie: which modality a tie (all scores equal) damps: ``"first"`` (the CVPR code) or ``"last"`` (the T-PAMI
+            2024 journal code, whose OGM configuration is ``OGMGE(alpha=0.8, modulation_starts=6,
+            modulation_ends=60, tie="last", param_filter="conv")``).
         encoders: modality -> dotted attribute path; None uses ``pl_module.encoders``.
 
     Raises:
@@ -85,6 +94,7 @@ class OGMGE(BalancingCallback):
         param_filter: ParamFilter = "weights",
         modulate: str = "gradient",
         seed: int = 0,
+        tie: str = "first",
         encoders: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(encoders=encoders, modulate=modulate)
@@ -96,12 +106,14 @@ class OGMGE(BalancingCallback):
         if not callable(param_filter):
             check_choice("param_filter", param_filter, tuple(_FILTERS))
         check_int("seed", seed, 0, 2**31)
+        check_choice("tie", tie, TIE_RULES)
         self.alpha = float(alpha)
         self.modulation_starts = modulation_starts
         self.modulation_ends = modulation_ends
         self.noise = noise
         self.param_filter = param_filter
         self.seed = seed
+        self.tie = tie
         self._filter = _FILTERS[param_filter] if isinstance(param_filter, str) else param_filter
         self._selected_names: dict[str, list[str]] = {}
         self._selected: dict[str, list[nn.Parameter]] = {}
@@ -114,7 +126,8 @@ class OGMGE(BalancingCallback):
         filt = (
             self.param_filter if isinstance(self.param_filter, str) else getattr(self.param_filter, "__qualname__", "")
         )
-        return self._generate_state_key(alpha=self.alpha, param_filter=filt, encoders=self._encoder_paths)
+        tie = {"tie": self.tie} if self.tie != "first" else {}  # the default keeps the keys of older checkpoints
+        return self._generate_state_key(alpha=self.alpha, param_filter=filt, encoders=self._encoder_paths, **tie)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Resolve the encoders and select the modulated tensors of each (an error if one selects nothing)."""
@@ -156,7 +169,7 @@ class OGMGE(BalancingCallback):
         """Damp the dominant encoder's gradient (inside the modulation window) and add the noise."""
         scores = dict(zip(self.modalities, stats["score"], strict=True))
         ratios = _ogm_ratio_compute(scores)
-        coefficients = _ogm_coefficient_compute(ratios, self.alpha)
+        coefficients = _ogm_coefficient_compute(ratios, self.alpha, self.tie)
         applied = dict.fromkeys(self.modalities, 1.0)
         logging = self.logs_this_step(trainer)
         before = self._squared_norms(pl_module.device) if logging else None
@@ -184,6 +197,9 @@ class OGMGE(BalancingCallback):
         """Norm of each encoder's gradient after the callback (its effective update, in update mode) over before."""
         after = self._squared_norms(before.device)[:, 0]
         values = global_sums(trainer, torch.cat([before.flatten(), after]), self.sharded)
+        n = len(self.modalities)
+        norms = {m: [values[2 * i], values[2 * i + 1], values[2 * n + i]] for i, m in enumerate(self.modalities)}
+        self.check_finite(trainer, "the norms of its encoder gradients", norms)
         ratios = {}
         for i, m in enumerate(self.modalities):
             selected, others, selected_after = values[2 * i], values[2 * i + 1], values[2 * len(self.modalities) + i]
@@ -197,7 +213,7 @@ class OGMGE(BalancingCallback):
         return self.modulation_starts <= epoch and (self.modulation_ends is None or epoch <= self.modulation_ends)
 
     def _apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule, coefficients: Mapping[str, float]) -> None:
-        generator = self._generator(pl_module.device, self.seed * 2**32 + trainer.global_step) if self.noise else None
+        generator = self._generator(pl_module.device, trainer.global_step) if self.noise else None
         for modality in self.modalities:
             params = [p for p in self._selected[modality] if p.grad is not None]
             if not params:
@@ -215,12 +231,16 @@ class OGMGE(BalancingCallback):
             if self.modulate == "update":
                 self.scale_update_after_step(params, [k] * len(params))
 
-    def _generator(self, device: torch.device, seed: int) -> torch.Generator:
-        """A generator on ``device`` seeded with ``seed``: the same stream on every rank given the same seed."""
+    def _generator(self, device: torch.device, global_step: int) -> torch.Generator:
+        """A generator on ``device`` seeded from ``(seed, global_step)``: the same stream on every rank, and on resume.
+
+        The seed is a 63-bit hash whose low 32 bits differ for every ``(seed, global_step)``: torch's CPU generator
+        keeps only those bits, so ``seed * 2**32 + global_step`` would draw the same noise for every ``seed``.
+        """
         generator = self._generators.get(device)
         if generator is None:
             generator = self._generators[device] = torch.Generator(device=device)
-        return generator.manual_seed(seed)
+        return generator.manual_seed(_ogm_noise_seed(self.seed, global_step))
 
 
 def _unbiased_std(grad: Tensor) -> Tensor:

@@ -167,10 +167,19 @@ class DiagnosingRelearning(BalancingCallback):
 
     # ------------------------------------------------------------------ diagnosis
     def _diagnose(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, tuple[float, float]]:
-        """(train purity, val purity) per modality; computed on rank 0 and broadcast."""
+        """(train purity, val purity) per modality; computed on rank 0 and broadcast.
+
+        Raises:
+            DivergenceError: an encoder's features are NaN or infinite (checked on every rank: all hold the same
+                gathered features), instead of an obscure error from k-means.
+        """
         with isolated_rng(self.seed):
             train = self._features(trainer, pl_module, train_loader(trainer, self.name))
             val = self._features(trainer, pl_module, validation_loader(trainer, self.name))
+        broken = [m for m in self.modalities if not all(bool(f[m].isfinite().all()) for f in (train[0], val[0]))]
+        if broken:
+            when = f"in the diagnosis after epoch {trainer.current_epoch - 1} (before step {trainer.global_step})"
+            self.report_divergence(trainer, "the encoder features it clusters", broken, when)
         result: dict[str, tuple[float, float]] = {}
         if trainer.is_global_zero:
             (train_feats, train_y, k), (val_feats, val_y, _) = train, val
