@@ -29,15 +29,22 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_mmbalance import (
+    AGM,
     ARL,
     OGMGE,
+    OPM,
     DiagnosingRelearning,
     GradientBlending,
+    InfoReg,
     MMPareto,
     ModalityMonitor,
     MultimodalOutput,
 )
-from lightning_mmbalance.callbacks import UnimodalLosses
+from lightning_mmbalance.callbacks import StepStatistics, UnimodalLosses
+from lightning_mmbalance.callbacks.heldout import eval_mode
+from lightning_mmbalance.functional.agm import agm_masked_coalitions
+from lightning_mmbalance.functional.inforeg import _inforeg_trace_update
+from lightning_mmbalance.masking import masked_forward
 from lightning_mmbalance.models import LateFusionClassifier
 
 DIM, HIDDEN, FEATURE, CLASSES = 1024, 640, 256, 10
@@ -45,24 +52,39 @@ VAL_BATCHES = 2
 
 
 class Timer(Callback):
-    def __init__(self, skip: int) -> None:
+    """Step times from ``on_train_batch_start`` to ``on_train_batch_end``: wall time, or with ``clock="cpu"`` the
+    process's CPU time (all threads), which time-slicing by other processes on a shared CPU does not inflate."""
+
+    def __init__(self, skip: int, clock: str = "wall") -> None:
         self.skip = skip
         self.times: list[float] = []
         self._start = 0.0
         self._sync: Callable[[], None] = lambda: None
+        self._now = time.process_time if clock == "cpu" else time.perf_counter
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if pl_module.device.type == "cuda":
             self._sync = torch.cuda.synchronize
 
-    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+    def start(self) -> None:
         self._sync()
-        self._start = time.perf_counter()
+        self._start = self._now()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         self._sync()
         if trainer.global_step > self.skip:
-            self.times.append(time.perf_counter() - self._start)
+            self.times.append(self._now() - self._start)
+
+
+class StartTimer(Callback):
+    """Starts a :class:`Timer` in ``on_train_batch_start``; placed before the callbacks, so that their own
+    ``on_train_batch_start`` work (OPM's pre-pass) is timed, while the Timer itself stops after theirs at the end."""
+
+    def __init__(self, timer: Timer) -> None:
+        self.timer = timer
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        self.timer.start()
 
 
 class PlainManual(LateFusionClassifier):
@@ -113,6 +135,65 @@ class OfficialMMPareto(PlainManual):
         opt.step()
 
 
+class InfoRegTrace(UnimodalLosses):
+    """InfoReg's unavoidable work, and nothing else: its loss (L_f + sum L_m) and each step's Fisher-trace terms."""
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self.weights = {m: [p for p in self.encoder_parameters(m) if p.ndim >= 2] for m in self.modalities}
+        self.running: torch.Tensor | None = None
+
+    def on_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stats: StepStatistics) -> None:
+        device = trainer.strategy.root_device
+        grads = [[p.grad for p in params if p.grad is not None] for params in self.weights.values()]
+        terms = torch.stack([_inforeg_trace_update(g, [t.numel() for t in g], "layer_mean", device) for g in grads])
+        self.running = terms if self.running is None else self.running + terms
+
+
+class MaskedForwards(Callback):
+    """AGM's unavoidable work, and nothing else: the 2^N - 2 masked forwards of each micro-batch (eval, no graphs)."""
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
+        self.batch = batch
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        encoders = dict(pl_module.encoders.items())
+        with eval_mode(pl_module), trainer.precision_plugin.forward_context():
+            for kept in agm_masked_coalitions(list(encoders)):
+                masked_forward(pl_module, self.batch, set(encoders) - kept, encoders)
+
+
+class FeatureDrop(Callback):
+    """OPM's unavoidable work, and nothing else: a forward hook that zeroes samples of each encoder's output and scales
+    the rest, and, with ``pre_pass``, first a forward without gradients of the micro-batch (the current scores)."""
+
+    def __init__(self, pre_pass: bool) -> None:
+        self.pre_pass, self.armed = pre_pass, False
+        self.handles: list[Any] = []
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.handles = [enc.register_forward_hook(self.drop) for enc in pl_module.encoders.values()]
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def drop(self, module: torch.nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor | None:
+        if not self.armed:
+            return None
+        keep = torch.rand(output.shape[0], 1, device=output.device) < 0.5
+        return output * (keep.to(output.dtype) / 0.75)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
+        if self.pre_pass:
+            with torch.no_grad(), trainer.precision_plugin.train_step_context():
+                pl_module(batch)
+        self.armed = True
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        self.armed = False
+
+
 class WeightedLoss(UnimodalLosses):
     """A plain reference with ARL's loss (L_f + gamma * sum L_m) and nothing else."""
 
@@ -147,6 +228,30 @@ def configurations() -> dict[str, tuple[str, Callable[[], list[Callback]], type[
             base,
         ),
         "MMPareto": ("plain (L_f + sum L_m)", lambda: [MMPareto()], base),
+        "plain (L_f + sum L_m) + InfoReg's trace": ("plain (L_f + sum L_m)", lambda: [InfoRegTrace()], base),
+        "InfoReg": ("plain (L_f + sum L_m) + InfoReg's trace", lambda: [InfoReg()], base),
+        "InfoReg(modulate='update')": (
+            "plain (L_f + sum L_m) + InfoReg's trace",
+            lambda: [InfoReg(modulate="update")],
+            base,
+        ),
+        "plain (L_f) + AGM's masked forwards": ("plain (L_f)", lambda: [MaskedForwards()], base),
+        "AGM": ("plain (L_f) + AGM's masked forwards", lambda: [AGM()], base),
+        "AGM(masked_graph='none')": ("plain (L_f) + AGM's masked forwards", lambda: [AGM(masked_graph="none")], base),
+        "AGM(modulate='update')": ("plain (L_f) + AGM's masked forwards", lambda: [AGM(modulate="update")], base),
+        "AGM(masked_graph='full')": ("plain (L_f) + AGM's masked forwards", lambda: [AGM(masked_graph="full")], base),
+        "plain (L_f) + OPM's drop hook": ("plain (L_f)", lambda: [FeatureDrop(pre_pass=False)], base),
+        "plain (L_f) + OPM's pre-pass and drop hook": ("plain (L_f)", lambda: [FeatureDrop(pre_pass=True)], base),
+        "OPM(p_exe=1)": (
+            "plain (L_f) + OPM's pre-pass and drop hook",
+            lambda: [OPM(modulation_starts=0, p_exe=1.0)],
+            base,
+        ),
+        "OPM(p_exe=1, lagged=True)": (
+            "plain (L_f) + OPM's drop hook",
+            lambda: [OPM(modulation_starts=0, p_exe=1.0, lagged=True)],
+            base,
+        ),
         "plain manual (L_f + sum L_m)": ("plain manual (L_f + sum L_m)", list, PlainManual),
         "official MMPareto (3+1 backward)": ("plain manual (L_f + sum L_m)", list, OfficialMMPareto),
     }
@@ -195,8 +300,8 @@ def time_config(
     """Step times of one fit, and its peak CUDA memory in MiB (NaN on CPU)."""
     pl.seed_everything(0, verbose=False)
     model = make_model(cls, lr=1e-3)
-    timer = Timer(skip=args.warmup)
-    trainer = _trainer(args, [*factory(), timer], max_steps=args.steps + args.warmup)
+    timer = Timer(skip=args.warmup, clock=args.clock)
+    trainer = _trainer(args, [StartTimer(timer), *factory(), timer], max_steps=args.steps + args.warmup)
     cuda = args.accelerator in ("gpu", "cuda")
     if cuda:
         torch.cuda.empty_cache()
@@ -285,6 +390,12 @@ def main() -> None:
     parser.add_argument("--ddp", action="store_true", help="also measure 2-process DDP throughput (CPU)")
     parser.add_argument("--epochs", action="store_true", help="also measure the epoch-level procedures' cost")
     parser.add_argument("--output", type=Path, default=None, help="write the results as JSON")
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="step time: wall clock, or the process's CPU time (CPU only; for a machine shared with other jobs)",
+    )
     args = parser.parse_args()
 
     import logging
@@ -308,7 +419,7 @@ def main() -> None:
     print(
         f"\nModel: two MLP encoders {encoder_parameters()} parameters, batch {args.batch}, {args.precision}, "
         f"{args.accelerator} ({device}, {torch.get_num_threads()} threads), torch {torch.__version__}, "
-        f"{args.rounds} rounds x {args.steps} steps\n"
+        f"{args.rounds} rounds x {args.steps} steps, {args.clock} time\n"
     )
     print("| configuration | median step (ms) | relative to | overhead | peak CUDA memory (MiB) |")
     print("|---|---|---|---|---|")

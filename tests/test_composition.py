@@ -7,7 +7,17 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_mmbalance import ARL, OGMGE, DiagnosingRelearning, GradientBlending, MMPareto, ModalityMonitor
+from lightning_mmbalance import (
+    AGM,
+    ARL,
+    OGMGE,
+    OPM,
+    DiagnosingRelearning,
+    GradientBlending,
+    InfoReg,
+    MMPareto,
+    ModalityMonitor,
+)
 from lightning_mmbalance.callbacks import UnimodalLosses
 from tests.helpers.harness import GradSpy
 from tests.helpers.tiny import TinyModel, assert_states_close, fit, params_of
@@ -17,11 +27,24 @@ from tests.helpers.tiny import TinyModel, assert_states_close, fit, params_of
     ("callbacks", "match"),
     [
         (lambda: [MMPareto(), OGMGE()], r"MMPareto replaces each encoder's gradient, and \['OGMGE'\] also change"),
-        (lambda: [OGMGE(), MMPareto()], r"MMPareto replaces each encoder's gradient, and \['OGMGE'\] also change"),
+        (lambda: [OGMGE(), MMPareto()], r"MMPareto replaces .* \['OGMGE'\] also .* table in docs/composition\.md"),
         (lambda: [ARL(), MMPareto()], r"\['ARL', 'MMPareto'\] all set the loss weights"),
         (lambda: [GradientBlending(), UnimodalLosses()], r"\['GradientBlending', 'UnimodalLosses'\] all set the loss"),
         (lambda: [OGMGE(alpha=0.1), OGMGE(alpha=0.2)], "more than one OGMGE callback"),
+        (lambda: [AGM(), OGMGE()], r"AGM replaces each encoder's gradient, and \['OGMGE'\] also change"),
+        (lambda: [ARL(), AGM()], r"AGM replaces each encoder's gradient, and \['ARL'\] also change"),
+        (lambda: [UnimodalLosses(), AGM()], r"AGM's rule is defined for the fused loss, and \['UnimodalLosses'\] set"),
+        (lambda: [AGM(), GradientBlending()], r"and \['GradientBlending'\] set the loss weights"),
         (lambda: [DiagnosingRelearning(), DiagnosingRelearning(strength=1)], "more than one DiagnosingRelearning"),
+        (lambda: [InfoReg(), OGMGE()], r"InfoReg adds a term to each encoder's gradient, and \['OGMGE'\] also change"),
+        (lambda: [OGMGE(), InfoReg()], r"InfoReg adds a term to each encoder's gradient, and \['OGMGE'\] also change"),
+        (lambda: [InfoReg(unimodal_loss_weight=0.0), MMPareto()], r"InfoReg adds a term .* and \['MMPareto'\] also"),
+        (lambda: [InfoReg(unimodal_loss_weight=0.0), ARL()], r"InfoReg adds a term .* and \['ARL'\] also change"),
+        (lambda: [ARL(), InfoReg()], r"\['ARL', 'InfoReg'\] all set the loss weights"),
+        (lambda: [InfoReg(), GradientBlending()], r"\['InfoReg', 'GradientBlending'\] all set the loss weights"),
+        (lambda: [OPM(), OGMGE()], "OPM and OGMGE on one Trainer are not supported: the journal code's OGM reads"),
+        (lambda: [OGMGE(), OPM()], "OPM and OGMGE on one Trainer are not supported"),
+        (lambda: [OPM(), OPM(q_base=0.2)], "more than one OPM callback"),
     ],
 )
 def test_order_dependent_combinations_are_refused(callbacks, match):
@@ -38,7 +61,8 @@ def test_gradient_scalers_compose_in_any_order(modulate, noise):
     """OGMGE and ARL both multiply encoder gradients by per-modality factors: the product, in either order.
 
     OGM-GE's noise scale is the gradient's std + 1e-8, so after ARL's factor it is (1 + a) std + 1e-8 rather than
-    (1 + a) (std + 1e-8): with noise the two orders agree up to that floor.
+    (1 + a) (std + 1e-8): with noise the two orders agree up to that floor, which 16 noisy steps amplify to 0.4-1.5e-6
+    (seeds 0-3) on weights of norm 5-16.
     """
 
     def run(order):
@@ -49,7 +73,7 @@ def test_gradient_scalers_compose_in_any_order(modulate, noise):
         return fit([make[name]() for name in order], model=TinyModel(momentum=0.9), max_epochs=2)[1]
 
     first, second = run(["ogm", "arl"]), run(["arl", "ogm"])
-    assert_states_close(first.state_dict(), second.state_dict(), atol=1e-6 if noise else 1e-12)
+    assert_states_close(first.state_dict(), second.state_dict(), atol=5e-6 if noise else 1e-12)
     alone = run(["arl"])
     assert not torch.allclose(first.encoders["a"][0].weight, alone.encoders["a"][0].weight)
 
@@ -112,3 +136,24 @@ def test_monitor_reports_the_applied_gradient_in_any_order():
         assert float(first[tag]) == pytest.approx(float(second[tag]), rel=1e-6)
         applied = torch.stack([g.norm() for n, g in grads.items() if n.startswith(f"encoders.{m}.")]).norm()
         assert float(first[tag]) == pytest.approx(float(applied), rel=1e-6)
+
+
+@pytest.mark.parametrize("other", ["arl", "mmpareto", "monitor"])
+def test_feature_drop_composes_with_gradient_methods_in_any_order(other):
+    """OPM changes the forward, the others the loss or the gradients: the callbacks' order does not matter.
+
+    The other method's statistics come from the dropped forward, so the result differs from the method alone.
+    """
+    make = {
+        "arl": lambda: ARL(warmup_epochs=0),
+        "mmpareto": MMPareto,
+        "monitor": lambda: ModalityMonitor(conflict_every_n_steps=2, masked_eval=False, shapley=False),
+    }[other]
+
+    def run(callbacks):
+        return params_of(fit(callbacks, model=TinyModel(momentum=0.9), max_steps=6)[1])
+
+    first = run([OPM(modulation_starts=0, p_exe=1.0), make()])
+    assert_states_close(first, run([make(), OPM(modulation_starts=0, p_exe=1.0)]), atol=0)
+    alone = run([make()])
+    assert not torch.equal(first["encoders.a.0.weight"], alone["encoders.a.0.weight"])

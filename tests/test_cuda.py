@@ -8,8 +8,12 @@ from lightning.pytorch.plugins import MixedPrecision
 from lightning_mmbalance import ARL, OGMGE, MMPareto
 from lightning_mmbalance.data import SyntheticDataModule
 from lightning_mmbalance.models import LateFusionClassifier
+from tests.helpers.compiled import COMPILE_STYLES, ConvPool, compiled, plain_state
 from tests.helpers.harness import CALLBACKS, Logged, logged_prefixes_present
+from tests.helpers.styles import StyleData
 from tests.helpers.tiny import trainer_kwargs
+from tests.test_compile import SECOND_GRADIENT
+from tests.test_ogm_ge import check_noise_seeds
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -62,7 +66,7 @@ def test_cuda_float32_matches_cpu(name):
         )
 
 
-@pytest.mark.parametrize("name", ["ogm_ge", "mmpareto", "arl", "monitor"])
+@pytest.mark.parametrize("name", ["ogm_ge", "mmpareto", "arl", "monitor", "agm"])
 def test_fp16_overflow_steps_are_skipped(name):
     """A GradScaler starting at 2**24 overflows on the first steps: those are skipped, never NaN weights."""
     scaler = torch.amp.GradScaler("cuda", init_scale=2.0**24)
@@ -74,7 +78,12 @@ def test_fp16_overflow_steps_are_skipped(name):
     assert any(not torch.equal(initial[k], v.cpu()) for k, v in model.state_dict().items())
 
 
-@pytest.mark.parametrize("name", ["mmpareto", "monitor", "ogm_ge", "arl"])
+def test_ogm_ge_noise_seed_matters_on_cuda():
+    """CUDA's generator uses every bit of the seed; the derived seed must also differ there (and repeat)."""
+    check_noise_seeds(torch.device("cuda"))
+
+
+@pytest.mark.parametrize("name", ["mmpareto", "monitor", "ogm_ge", "arl", "agm", "opm"])
 def test_inductor_compiled_encoders_on_cuda(name):
     """Compiled with Inductor (the default backend) on the GPU: the same training as eager, up to float32 rounding."""
     allow = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
@@ -86,3 +95,26 @@ def test_inductor_compiled_encoders_on_cuda(name):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = allow
     for key, value in eager.state_dict().items():
         torch.testing.assert_close(compiled.state_dict()[key], value, atol=1e-4, rtol=1e-3)
+
+
+def _fit_conv(callbacks, model, epochs=2):
+    kw = trainer_kwargs(accelerator="gpu", max_epochs=epochs, callbacks=callbacks)
+    pl.Trainer(**kw).fit(model, datamodule=StyleData(ConvPool, n=32))
+    return {k: v.cpu() for k, v in plain_state(model).items()}
+
+
+@pytest.mark.parametrize("style", COMPILE_STYLES)
+@pytest.mark.parametrize("name", ["mmpareto", "arl_step_ratio", "monitor_conflict"])
+def test_inductor_second_gradient_on_cuda(name, style):
+    """Inductor on the GPU, the graphs compiled first by a plain fit (their backwards donate their activations): the
+    callbacks' second gradients stay exact, the training equals eager up to float32 rounding (docs/compile.md)."""
+    allow = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        eager = _fit_conv(SECOND_GRADIENT[name](), ConvPool())
+        _fit_conv([], compiled(ConvPool(), style), epochs=1)
+        state = _fit_conv(SECOND_GRADIENT[name](), compiled(ConvPool(), style))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = allow
+    for key, value in eager.items():
+        torch.testing.assert_close(state[key], value, atol=1e-5, rtol=1e-4, msg=lambda m, key=key: f"{key}: {m}")

@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins import MixedPrecision
 
-from lightning_mmbalance import ARL, OGMGE, GradientBlending, MMPareto, ModalityMonitor
+from lightning_mmbalance import AGM, ARL, OGMGE, OPM, GradientBlending, InfoReg, MMPareto, ModalityMonitor
 from tests.helpers.harness import CALLBACKS, Logged, logged_prefixes_present
 from tests.helpers.tiny import (
     SaveParams,
@@ -51,7 +51,7 @@ class Float32(TinyModel):
         return super().forward(({m: x.float() for m, x in inputs.items()}, y))
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if CALLBACKS[n].per_step])
+@pytest.mark.parametrize("name", [n for n in NAMES if CALLBACKS[n].per_step and CALLBACKS[n].accumulates])
 def test_accumulation_equals_big_batch(name):
     _, accumulated, _ = _fit_case(name, data=TinyData(batch_size=4), accumulate_grad_batches=2)
     _, big, _ = _fit_case(name, data=TinyData(batch_size=8))
@@ -145,12 +145,15 @@ def test_adaptive_optimizer_warning_only_where_scaling_is_undone(name):
 )
 def test_argument_errors(name, kwargs, error, match):
     factory = {
+        "agm": AGM,
         "ogm_ge": OGMGE,
         "mmpareto": MMPareto,
         "arl": ARL,
         "gradient_blending": GradientBlending,
         "relearning": __import__("lightning_mmbalance").DiagnosingRelearning,
         "monitor": ModalityMonitor,
+        "inforeg": InfoReg,
+        "opm": OPM,
     }[name]
     with pytest.raises(error, match=match):
         factory(**kwargs)

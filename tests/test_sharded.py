@@ -16,12 +16,12 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_mmbalance import OGMGE, GradientBlending, ModalityMonitor
+from lightning_mmbalance import AGM, OGMGE, GradientBlending, ModalityMonitor
 from tests.helpers.harness import CALLBACKS
 from tests.helpers.sharded import AssertSharded, ForkModelParallel, SaveFullParams, ShardedTinyModel
 from tests.helpers.tiny import TinyData, TinyModel, assert_states_close, fit, load_ranks, trainer_kwargs
 
-SHARDABLE = [name for name in CALLBACKS if name != "gradient_blending"]
+SHARDABLE = [name for name in CALLBACKS if name != "gradient_blending" and not name.startswith("agm")]
 
 
 def _sharded_fit(name: str, folder, callbacks=None, **overrides):
@@ -91,6 +91,23 @@ def test_fsdp2_monitor_conflict_test_equals_one_process(tmp_path):
 
 
 @pytest.mark.ddp
+@pytest.mark.parametrize("modulate", ["gradient", "update"])
+def test_fsdp2_agm_without_masked_graphs_equals_one_process(tmp_path, modulate):
+    """AGM's masked forwards run on the sharded module (no graphs, no conditional clip): equal to one process."""
+    make = lambda: [AGM(masked_graph="none", head_grad_clip=None, modulate=modulate)]  # noqa: E731
+    rank0, rank1 = _sharded_fit("agm", tmp_path, callbacks=make())
+    assert_states_close(rank0, rank1, atol=0)
+    single = fit(make(), model=TinyModel(momentum=0.9), data=TinyData(batch_size=8), max_epochs=2)[1]
+    assert_states_close(rank0, {k: v.detach() for k, v in single.state_dict().items()}, atol=1e-10)
+
+
+@pytest.mark.ddp
+def test_fsdp2_refuses_agm_masked_graphs_and_clip(tmp_path):
+    with pytest.raises(Exception, match=r"needs `masked_graph='none'` and `head_grad_clip=None`.*masked_graph='head'"):
+        _sharded_fit("agm", tmp_path)
+
+
+@pytest.mark.ddp
 @pytest.mark.parametrize("name", ["relearning", "arl", "gradient_blending_joint"])
 def test_fsdp2_resume_is_exact(tmp_path, name):
     """A resume on 2 ranks from a distributed checkpoint equals an uninterrupted run (D&R's gathered theta0 too)."""
@@ -148,3 +165,39 @@ def test_second_gradient_of_sharded_encoders_needs_their_outputs(monkeypatch):
     param = torch.nn.Parameter(torch.ones(2))
     with pytest.raises(RuntimeError, match="encoders' outputs are needed to take a second gradient; none were seen"):
         base.add_loss_gradients(trainer, (param * 2).sum(), [param], [torch.zeros(2)])
+
+
+class PooledOutputs(torch.nn.Module):
+    """Returns a dict whose ``pooled`` tensor is computed from ``h``, as a ModelOutput's pooler output is."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 4)
+        self.pool = torch.nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.linear(x)
+        return {"h": h, "pooled": torch.tanh(self.pool(h)), "ids": torch.arange(2)}
+
+
+def test_second_gradient_through_a_structured_output_counts_each_path_once(monkeypatch):
+    """The gradient of the loss through the encoder's kept outputs equals ``autograd.grad`` on its parameters."""
+    import lightning_mmbalance.callbacks.base as base
+
+    torch.manual_seed(0)
+    encoder = PooledOutputs().double()
+    callback = ModalityMonitor()
+    callback._encoders = {"a": encoder}
+    handle = encoder.register_forward_hook(callback._keep_output("a"))
+    out = encoder(torch.randn(2, 3, dtype=torch.float64))
+    handle.remove()
+    loss = (out["h"] ** 2).sum() + 3 * out["pooled"].sum()
+    params = list(encoder.parameters())
+    expected = torch.autograd.grad(loss, params, retain_graph=True)
+    monkeypatch.setattr(base, "is_sharded", lambda tensor: True)
+    trainer = SimpleNamespace(precision_plugin=SimpleNamespace(), accumulate_grad_batches=1, lightning_module=encoder)
+    into = [torch.zeros_like(p) for p in params]
+    assert len(callback.encoder_outputs()) == 2  # the integer tensor is not differentiable
+    base.add_loss_gradients(trainer, loss, params, into, callback.encoder_outputs())
+    for got, want in zip(into, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
