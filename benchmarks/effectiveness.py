@@ -7,7 +7,8 @@ split: fused accuracy, per-modality accuracy (unimodal logits) and per-modality 
 regression fitted on the training features of the selected checkpoint), as mean +- std over seeds, with the chosen
 learning rates and the number of step-size warnings the runs raised.
 
-This is the code path of ``mmbalance compare`` (``lightning_mmbalance.experiment.run_grid``).
+This is the code path of ``mmbalance compare`` (``lightning_mmbalance.compare.compare``): finished runs in
+``--output`` are read back, so an interrupted benchmark goes on where it stopped.
 
     python benchmarks/effectiveness.py                       # all data sets, all methods, 5 seeds
     python benchmarks/effectiveness.py --data cg-digits --seeds 3 --epochs 15 --lrs 0.01
@@ -26,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from lightning_mmbalance.experiment import DATASETS, METHODS, format_lrs, run_grid, summarize
+from lightning_mmbalance.compare import compare
+from lightning_mmbalance.experiment import DATASETS, METHODS, format_lrs
 
 
 def markdown(rows, modalities) -> str:
@@ -74,28 +76,23 @@ def main() -> None:
     )
     report = {}
     for dataset in args.data:
-        results = []
         start = time.perf_counter()
-        for method in args.methods:
-            for seed in range(args.seeds):
-                result = run_grid(
-                    method,
-                    seed,
-                    args.lrs,
-                    dataset=dataset,
-                    max_epochs=args.epochs,
-                    out_dir=args.output,
-                    model_kwargs={"optimizer": args.optimizer},
-                    probe=True,
-                )
-                results.append(result)
-                print(
-                    f"  {dataset} {method} seed {seed}: lr {result.lr:g}, test {100 * result.test_acc:.1f}%", flush=True
-                )
-        rows = summarize(results)
-        modalities = list(rows[0].modality_acc)
-        print(f"\n### {dataset} ({time.perf_counter() - start:.0f} s)\n\n{markdown(rows, modalities)}\n", flush=True)
-        report[dataset] = [asdict(r) for r in results]
+        result = compare(
+            data=dataset,
+            methods=args.methods,
+            lrs=args.lrs,
+            seeds=args.seeds,
+            epochs=args.epochs,
+            output=args.output / dataset,
+            model_args={"optimizer": args.optimizer},
+            probe=True,
+        )
+        modalities = list(result.rows[0].modality_acc)
+        print(
+            f"\n### {dataset} ({time.perf_counter() - start:.0f} s)\n\n{markdown(result.rows, modalities)}\n",
+            flush=True,
+        )
+        report[dataset] = [asdict(r) for r in result.runs]
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / "effectiveness.json").write_text(json.dumps(report, indent=2))
 

@@ -38,12 +38,15 @@ def test_compare_smoke(tmp_path, capsys):
     argv = ["compare", "--methods", "ogm_ge", "baseline", "--seeds", "1", "--epochs", "1", "--lrs", "0.01", "0.05"]
     assert main([*argv, "--output", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "[ 1/2] ogm_ge" in printed and "[ 2/2] baseline" in printed  # progress
-    table = (out / "summary.txt").read_text()
+    assert "[1/4] ogm_ge lr 0.01 seed 0" in printed and "[4/4] baseline lr 0.05 seed 0" in printed  # progress
+    table = printed[printed.index("method ") :]
     assert table.index("baseline") < table.index("ogm_ge")  # table order is METHODS order
-    assert "lr per seed" in table and table in printed and "x " not in table  # no time columns
+    assert "lr per seed" in table and "x " not in table  # no time ratios, only the labelled wall time
+    assert "not an overhead measurement" in table
+    markdown = (out / "results.md").read_text()
+    assert markdown.index("| baseline |") < markdown.index("| ogm_ge |") and "lr per seed" in markdown
     assert (out / "summary.png").stat().st_size > 1000
-    runs = json.loads((out / "results.json").read_text())
+    runs = json.loads((out / "results.json").read_text())["runs"]
     assert {r["method"] for r in runs} == {"baseline", "ogm_ge"}
     for r in runs:  # each learning rate was tried, and the chosen one has the best validation accuracy
         assert set(r["grid"]) == {"0.01", "0.05"} and r["lr"] in (0.01, 0.05)
@@ -59,11 +62,11 @@ def test_compare_rejects_non_positive(flag, capsys):
     assert "--seeds and --epochs must be >= 1" in capsys.readouterr().err
 
 
-def test_run_grid_needs_a_learning_rate():
-    from lightning_mmbalance.experiment import run_grid
+def test_compare_needs_a_learning_rate():
+    from lightning_mmbalance.compare import compare
 
     with pytest.raises(ValueError, match="`lrs` must hold at least one learning rate"):
-        run_grid("baseline", 0, lrs=[])
+        compare(methods=["baseline"], lrs=[])
 
 
 def test_compare_rejects_a_non_positive_learning_rate(capsys):
@@ -71,9 +74,9 @@ def test_compare_rejects_a_non_positive_learning_rate(capsys):
     assert "every --lrs value must be > 0, got [0.01, 0.0]" in capsys.readouterr().err
 
 
-def test_compare_rejects_unknown_method():
-    with pytest.raises(SystemExit):
-        main(["compare", "--methods", "nope"])
+def test_compare_rejects_unknown_method(capsys):
+    assert main(["compare", "--methods", "nope"]) == 2
+    assert "Unknown method 'nope'" in capsys.readouterr().err
 
 
 def test_usage(capsys):
@@ -97,7 +100,7 @@ def test_every_method_and_dataset_has_a_factory():
 
 
 def test_scaling_methods_scale_the_update_on_request():
-    for method in ("ogm_ge", "ogm_ge_0.8", "mmpareto", "arl"):
+    for method in ("ogm_ge", "ogm_ge_0.8", "mmpareto", "arl", "agm"):
         (callback,) = method_callbacks(method, 10, "update")
         assert callback.modulate == "update"
         assert method_callbacks(method, 10)[0].modulate == "gradient"
@@ -107,6 +110,7 @@ def test_schedules_scale_with_run_length():
     (short,) = method_callbacks("ogm_ge", max_epochs=4)
     (long,) = method_callbacks("ogm_ge", max_epochs=100)
     assert (short.modulation_ends, long.modulation_ends) == (2, 50)
+    assert [method_callbacks("opm", max_epochs=e)[0].modulation_starts for e in (4, 100)] == [1, 6]  # official 0-5
 
 
 def test_unknown_names():
@@ -133,7 +137,7 @@ def test_summarize_mean_std_and_learning_rates():
     assert (base.warnings, ogm.warnings) == (0, 1)
     table = format_table([base, ogm])
     assert "70.0 ± 14.1" in table and "0.01 (all)" in table and "0.01, 0.03" in table
-    header = ["method", "fused", "acc", "gray", "acc", "color", "acc", "lr", "per", "seed", "seeds"]
+    header = ["method", "fused", "acc", "gray", "acc", "color", "acc", "lr", "per", "seed", "seeds", "wall", "time*"]
     assert table.splitlines()[0].split() == header
 
 
