@@ -202,12 +202,20 @@ class ZeroMaskFusion(nn.Module):
 
     Example::
 
-        class AttentionHead(nn.Module):
-            def forward(self, features: dict[str, Tensor]) -> Tensor: ...
+        class GatedHead(nn.Module):  # any head over the features of every modality
+            def __init__(self) -> None:
+                super().__init__()
+                self.gate, self.out = nn.Linear(1024, 512), nn.Linear(512, 10)
 
-        fusion = ZeroMaskFusion(AttentionHead(), ["audio", "visual"])
+            def forward(self, features: dict[str, Tensor]) -> Tensor:
+                h_a, h_v = features["audio"], features["visual"]
+                g = torch.sigmoid(self.gate(torch.cat([h_a, h_v], dim=1)))
+                return self.out(g * h_a + (1 - g) * h_v)
+
+        h_a, h_v = torch.randn(4, 512), torch.randn(4, 512)
+        fusion = ZeroMaskFusion(GatedHead(), ["audio", "visual"])
         out = fusion({"audio": h_a, "visual": h_v})
-        out.unimodal_logits["audio"]  # AttentionHead()({"audio": h_a, "visual": zeros_like(h_v)})
+        out.unimodal_logits["audio"]  # the head on {"audio": h_a, "visual": zeros_like(h_v)}
     """
 
     def __init__(self, head: nn.Module, modalities: Sequence[str]) -> None:

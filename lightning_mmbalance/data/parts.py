@@ -29,7 +29,7 @@ class PartsDataModule(MultimodalDataModule):
 
     So the best fused accuracy needs both modalities (``A`` alone: at most ``1 / 2**n_bits`` of the label, ``B`` alone:
     ``1 / k_a``), and the joint-loss baseline, whose ``B`` encoder is starved, stays far below it (about 40 % against
-    70-85 % for the balancing methods and 87 % for the baseline with a pre-trained ``B`` encoder; README). Train,
+    70-85 % for the balancing methods and 87 % for the baseline with a pre-trained ``B`` encoder; docs/guide.md). Train,
     validation and test are independent draws of the same process (validation is held out and distributed like test).
     All randomness comes from ``seed``; after :meth:`setup`, ``parts[split]`` holds ``(a, b)`` of each sample.
 
