@@ -139,20 +139,10 @@ class ContractAccuracy(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        """Count the batch's correct predictions of every head."""
+        """Count the batch's correct predictions of every head (also for the test batches)."""
         self._count(trainer, pl_module, batch)
 
-    def on_test_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        """Count the batch's correct predictions of every head."""
-        self._count(trainer, pl_module, batch)
+    on_test_batch_end = on_validation_batch_end
 
     def _count(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
         with torch.no_grad(), trainer.precision_plugin.forward_context():

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_mmbalance.utilities.checks import check_class_logits
+
 __all__ = [
     "agm_coefficients",
     "agm_masked_coalitions",
@@ -141,17 +143,7 @@ def agm_scores(responses: Mapping[str, Tensor], targets: Tensor, min_prob: float
     """
     if isinstance(min_prob, bool) or not (isinstance(min_prob, float | int) and 0 < min_prob < 1):
         raise ValueError(f"`min_prob` must be a float in (0, 1), got {min_prob!r}.")
-    shapes = {m: tuple(z.shape) for m, z in responses.items()}
-    if not shapes or any(len(s) != 2 for s in shapes.values()) or len(set(shapes.values())) != 1:
-        raise ValueError(f"Every response must be (B, C) with one common B and C, got {shapes}.")
-    batch, classes = next(iter(shapes.values()))
-    if targets.ndim != 1 or targets.shape[0] != batch or targets.is_floating_point() or targets.dtype == torch.bool:
-        raise ValueError(
-            f"`targets` must be a 1-D integer tensor of length {batch}, got {targets.dtype} of shape "
-            f"{tuple(targets.shape)}."
-        )
-    if batch and bool((targets.min() < 0) | (targets.max() >= classes)):
-        raise ValueError(f"`targets` must lie in [0, {classes}), got [{int(targets.min())}, {int(targets.max())}].")
+    batch, _ = check_class_logits(responses, targets, "response")
     sums = _agm_score_update(list(responses.values()), targets, min_prob)[0] / max(batch, 1)
     return dict(zip(responses, sums.unbind(), strict=True))
 

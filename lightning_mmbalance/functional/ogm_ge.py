@@ -17,7 +17,7 @@ import numpy
 import torch
 from torch import Tensor
 
-from lightning_mmbalance.utilities.checks import check_choice
+from lightning_mmbalance.utilities.checks import check_choice, check_class_logits, check_scores
 
 __all__ = ["TIE_RULES", "ogm_coefficients", "ogm_scores"]
 
@@ -46,18 +46,7 @@ def ogm_scores(unimodal_logits: Mapping[str, Tensor], targets: Tensor) -> dict[s
     """
     if not unimodal_logits:
         raise ValueError("`unimodal_logits` is empty; OGM-GE needs the logits of every modality.")
-    shapes = {m: tuple(z.shape) for m, z in unimodal_logits.items()}
-    first = next(iter(shapes.values()))
-    if any(len(s) != 2 for s in shapes.values()) or len(set(shapes.values())) != 1:
-        raise ValueError(f"Every unimodal logits tensor must be (B, C) with one common B and C, got {shapes}.")
-    batch, classes = first
-    if targets.ndim != 1 or targets.shape[0] != batch or targets.is_floating_point() or targets.dtype == torch.bool:
-        raise ValueError(
-            f"`targets` must be a 1-D integer tensor of length {batch}, got {targets.dtype} of shape "
-            f"{tuple(targets.shape)}."
-        )
-    if batch and bool((targets.min() < 0) | (targets.max() >= classes)):
-        raise ValueError(f"`targets` must lie in [0, {classes}), got [{int(targets.min())}, {int(targets.max())}].")
+    check_class_logits(unimodal_logits, targets, "unimodal logits tensor")
     sums = _ogm_score_update(list(unimodal_logits.values()), targets)
     return dict(zip(unimodal_logits, sums.unbind(), strict=True))
 
@@ -120,12 +109,7 @@ def ogm_coefficients(scores: Mapping[str, float | Tensor], alpha: float, tie: st
         >>> {m: round(k, 6) for m, k in ogm_coefficients({"audio": 1.723699, "visual": 0.931614}, 0.1).items()}
         {'audio': 0.81706, 'visual': 1.0}
     """
-    values = {m: float(s) for m, s in scores.items()}
-    if len(values) < 2:
-        raise ValueError(f"OGM-GE needs at least 2 modalities, got {list(values)}.")
-    bad = {m: s for m, s in values.items() if not math.isfinite(s) or s < 0}
-    if bad:
-        raise ValueError(f"Scores must be finite and >= 0, got {bad}.")
+    values = check_scores("OGM-GE", scores)
     if not (math.isfinite(alpha) and alpha >= 0):
         raise ValueError(f"`alpha` must be a finite float >= 0, got {alpha!r}.")
     check_choice("tie", tie, TIE_RULES)

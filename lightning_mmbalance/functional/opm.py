@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from lightning_mmbalance.functional.ogm_ge import _ogm_ratio_compute
-from lightning_mmbalance.utilities.checks import check_float, check_int
+from lightning_mmbalance.utilities.checks import check_float, check_int, check_scores
 
 __all__ = ["opm_drop_features", "opm_drop_probabilities", "opm_generator", "opm_keep_masks", "opm_theta"]
 
@@ -56,12 +56,7 @@ def opm_drop_probabilities(
         >>> {m: round(q, 6) for m, q in opm_drop_probabilities({"audio": 20.0, "visual": 10.0}).items()}
         {'audio': 0.690399, 'visual': 0.0}
     """
-    values = {m: float(s) for m, s in scores.items()}
-    if len(values) < 2:
-        raise ValueError(f"OPM needs at least 2 modalities, got {list(values)}.")
-    bad = {m: s for m, s in values.items() if not math.isfinite(s) or s < 0}
-    if bad:
-        raise ValueError(f"Scores must be finite and >= 0, got {bad}.")
+    values = check_scores("OPM", scores)
     check_float("q_base", q_base, 0, 1)
     check_float("lam", lam, 0)
     return _opm_probability_compute(values, float(q_base), float(lam))

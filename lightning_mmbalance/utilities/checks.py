@@ -7,10 +7,21 @@ Every layer of the package may import this module (it imports nothing from the p
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["check_bool", "check_callable", "check_choice", "check_float", "check_int"]
+import torch
+from torch import Tensor
+
+__all__ = [
+    "check_bool",
+    "check_callable",
+    "check_choice",
+    "check_class_logits",
+    "check_float",
+    "check_int",
+    "check_scores",
+]
 
 
 def _number(value: float) -> str:
@@ -92,3 +103,41 @@ def check_callable(name: str, value: Any, signature: str, *, optional: bool = Tr
     if (value is None and optional) or callable(value):
         return
     raise TypeError(f"`{name}` must be callable {signature}, got {value!r}.")
+
+
+def check_class_logits(logits: Mapping[str, Tensor], targets: Tensor, what: str) -> tuple[int, int]:
+    """Check per-modality ``(B, C)`` tensors (one common ``B`` and ``C``) and ``(B,)`` integer targets in ``[0, C)``.
+
+    Returns:
+        ``(B, C)``.
+
+    Raises:
+        ValueError: no tensor, a tensor of another shape, or malformed targets (``what`` names the tensors).
+    """
+    shapes = {m: tuple(z.shape) for m, z in logits.items()}
+    if not shapes or any(len(s) != 2 for s in shapes.values()) or len(set(shapes.values())) != 1:
+        raise ValueError(f"Every {what} must be (B, C) with one common B and C, got {shapes}.")
+    batch, classes = next(iter(shapes.values()))
+    if targets.ndim != 1 or targets.shape[0] != batch or targets.is_floating_point() or targets.dtype == torch.bool:
+        raise ValueError(
+            f"`targets` must be a 1-D integer tensor of length {batch}, got {targets.dtype} of shape "
+            f"{tuple(targets.shape)}."
+        )
+    if batch and bool((targets.min() < 0) | (targets.max() >= classes)):
+        raise ValueError(f"`targets` must lie in [0, {classes}), got [{int(targets.min())}, {int(targets.max())}].")
+    return batch, classes
+
+
+def check_scores(method: str, scores: Mapping[str, Any]) -> dict[str, float]:
+    """Per-modality scores as floats: at least two modalities, each finite and >= 0.
+
+    Raises:
+        ValueError: fewer than 2 modalities, or a negative or non-finite score (``method`` names the caller).
+    """
+    values = {m: float(s) for m, s in scores.items()}
+    if len(values) < 2:
+        raise ValueError(f"{method} needs at least 2 modalities, got {list(values)}.")
+    bad = {m: s for m, s in values.items() if not math.isfinite(s) or s < 0}
+    if bad:
+        raise ValueError(f"Scores must be finite and >= 0, got {bad}.")
+    return values
