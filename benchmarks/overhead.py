@@ -405,7 +405,12 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     configs = configurations()
     if args.only:
-        wanted = set(args.only) | {configs[n][0] for n in args.only}
+        wanted, todo = set(), list(args.only)
+        while todo:  # each configuration with its reference, and the reference's own reference
+            name = todo.pop()
+            if name not in wanted:
+                wanted.add(name)
+                todo.append(configs[name][0])
         configs = {k: v for k, v in configs.items() if k in wanted}
     times: dict[str, list[float]] = {name: [] for name in configs}
     peaks: dict[str, float] = {}
