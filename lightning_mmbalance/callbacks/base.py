@@ -271,9 +271,7 @@ class MultimodalCallback(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Give back the process-wide compile setting taken in ``setup``; remove the encoder-output hooks."""
         release_retained_graphs(self)
-        for handle in self._output_hooks:
-            handle.remove()
-        self._output_hooks = []
+        remove_hooks(self._output_hooks)
         self._encoder_outputs = {}
 
     def _check_strategy(self, trainer: pl.Trainer) -> None:
@@ -627,7 +625,7 @@ class BalancingCallback(MultimodalCallback):
         self._initial_norms = dict(zip(self.modalities, self._encoder_norms(trainer, pl_module), strict=True))
         self._warned = set()
         self._last_step_ratio = None
-        self._remove_step_hooks()
+        remove_hooks(self._step_hooks)
         if self.modulate == "update":
             self._step_hooks = [opt.register_step_post_hook(self._after_optimizer_step) for opt in trainer.optimizers]
         if self.modulate == "gradient":
@@ -731,16 +729,18 @@ class BalancingCallback(MultimodalCallback):
             torch._foreach_mul_(before, [1.0 - f for _, _, f in pending])
             torch._foreach_add_(after, before)
 
-    def _remove_step_hooks(self) -> None:
-        for handle in self._step_hooks:
-            handle.remove()
-        self._step_hooks = []
-
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Remove the optimizer hooks and give back the compile setting."""
-        self._remove_step_hooks()
+        remove_hooks(self._step_hooks)
         self._pending = []
         super().teardown(trainer, pl_module, stage)
+
+
+def remove_hooks(handles: list[RemovableHandle]) -> None:
+    """Remove every hook in ``handles`` (forward, optimizer step, ...) and empty the list."""
+    for handle in handles:
+        handle.remove()
+    handles.clear()
 
 
 def _check_composition(trainer: pl.Trainer) -> None:

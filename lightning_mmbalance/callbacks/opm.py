@@ -18,7 +18,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_mmbalance.callbacks.base import BalancingCallback, StepStatistics
+from lightning_mmbalance.callbacks.base import BalancingCallback, StepStatistics, remove_hooks
 from lightning_mmbalance.callbacks.ogm_ge import OGMGE
 from lightning_mmbalance.contract import ForwardFn, MultimodalOutput, StepRecord, run_forward
 from lightning_mmbalance.functional.ogm_ge import _ogm_ratio_compute, _ogm_score_update
@@ -163,7 +163,7 @@ class OPM(BalancingCallback):
                 f"OPM: the keys of `feature_dims` {sorted(self.feature_dims)} differ from the encoders' modalities "
                 f"{sorted(self.modalities)}."
             )
-        self._remove_hooks()
+        remove_hooks(self._hooks)
         # Registered before any compiled call of this fit: Dynamo does not see hooks added after it traced a module.
         self._hooks = [enc.register_forward_hook(self._hook(m)) for m, enc in self._encoders.items()]
         if getattr(pl_module, "_compiled_call_impl", None) is not None or getattr(pl_module, "_compiler_ctx", None):
@@ -172,15 +172,10 @@ class OPM(BalancingCallback):
             rank_zero_info("OPM: resetting torch.compile's caches, so that the compiled module traces OPM's hooks.")
             torch._dynamo.reset()
 
-    def _remove_hooks(self) -> None:
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks = []
-
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Disarm and remove the encoder hooks."""
         self._reset_micro_batch()
-        self._remove_hooks()
+        remove_hooks(self._hooks)
         super().teardown(trainer, pl_module, stage)
 
     # ------------------------------------------------------------------ the drop
