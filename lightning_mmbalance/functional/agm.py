@@ -109,16 +109,13 @@ def agm_mono_responses(
     return responses
 
 
-def _agm_score_update(responses: Sequence[Tensor], targets: Tensor, min_prob: float = MIN_PROB) -> Tensor:
-    """``(2, M)`` float64 sums over the batch, unchecked: the capped cross-entropy and the correct predictions."""
-    index = targets.long().unsqueeze(1)
-    cap = -math.log(min_prob)
-    losses, correct = [], []
-    for z in responses:
-        z = z.detach().double()
-        losses.append((-F.log_softmax(z, dim=1).gather(1, index)).clamp(max=cap).sum())
-        correct.append((z.argmax(1) == targets).sum().double())
-    return torch.stack([torch.stack(losses), torch.stack(correct)])
+def _agm_score_update(responses: Tensor, targets: Tensor, min_prob: float = MIN_PROB) -> Tensor:
+    """``(2, M)`` float64 sums over ``(M, B, C)`` responses, unchecked: capped cross-entropy, correct predictions."""
+    z = responses.detach().double()
+    index = targets.long().view(1, -1, 1).expand(z.shape[0], -1, 1)
+    losses = (-F.log_softmax(z, dim=2).gather(2, index)).clamp(max=-math.log(min_prob)).sum((1, 2))
+    correct = (z.argmax(2) == targets).sum(1).double()
+    return torch.stack([losses, correct])
 
 
 def agm_scores(responses: Mapping[str, Tensor], targets: Tensor, min_prob: float = MIN_PROB) -> dict[str, Tensor]:
@@ -144,7 +141,7 @@ def agm_scores(responses: Mapping[str, Tensor], targets: Tensor, min_prob: float
     if isinstance(min_prob, bool) or not (isinstance(min_prob, float | int) and 0 < min_prob < 1):
         raise ValueError(f"`min_prob` must be a float in (0, 1), got {min_prob!r}.")
     batch, _ = check_class_logits(responses, targets, "response")
-    sums = _agm_score_update(list(responses.values()), targets, min_prob)[0] / max(batch, 1)
+    sums = _agm_score_update(torch.stack(list(responses.values())), targets, min_prob)[0] / max(batch, 1)
     return dict(zip(responses, sums.unbind(), strict=True))
 
 

@@ -52,14 +52,14 @@ def ogm_scores(unimodal_logits: Mapping[str, Tensor], targets: Tensor) -> dict[s
 
 
 def _ogm_score_update(logits: Sequence[Tensor], targets: Tensor) -> Tensor:
-    """``(M,)`` scores of one batch, unchecked: float32 (float64 for float64 logits), detached."""
-    index = targets.long().unsqueeze(1)
-    rows = []
-    for z in logits:
-        z = z.detach()
-        z = z if z.dtype == torch.float64 else z.float()
-        rows.append(torch.softmax(z, dim=1).gather(1, index).sum())
-    return torch.stack(rows)
+    """``(M,)`` scores of one batch, unchecked: float32 (float64 for float64 logits), detached.
+
+    One batched softmax over the stacked ``(M, B, C)`` logits (a few kernels, whatever ``M``).
+    """
+    z = torch.stack([t.detach() for t in logits])
+    z = z if z.dtype == torch.float64 else z.float()
+    index = targets.long().view(1, -1, 1).expand(z.shape[0], -1, 1)
+    return torch.softmax(z, dim=2).gather(2, index).sum((1, 2))
 
 
 def _ogm_ratio_compute(scores: Mapping[str, float]) -> dict[str, float]:
