@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -268,7 +270,7 @@ C2 = dict(
 )
 
 
-def one_step(spec, batchnorm=False, extra=(), **kwargs):
+def one_step(spec, batchnorm=False, extra=(), plugins=(), **kwargs):
     """One step of the C model under AGM; returns the callback, the gradients before and after it, the metrics."""
     modalities = list(spec["running"])
     model = Tiny({m: A[m] for m in modalities}, spec["weight"], spec["bias"], batchnorm)
@@ -276,7 +278,7 @@ def one_step(spec, batchnorm=False, extra=(), **kwargs):
     agm.load_state_dict({"version": 1, "running_scores": spec["running"], "steps": 4})
     before, after = GradSpy(), GradSpy()
     data = TensorDataset(*(T(X[m], dtype=torch.float64) for m in modalities), T(spec["y"]))
-    trainer = pl.Trainer(**trainer_kwargs(callbacks=[before, agm, after, *extra], max_steps=1))
+    trainer = pl.Trainer(**trainer_kwargs(callbacks=[before, agm, after, *extra], max_steps=1, plugins=list(plugins)))
     trainer.fit(model, train_dataloaders=DataLoader(data, batch_size=4))
     return agm, before.steps[0], after.steps[0], trainer.callback_metrics
 
@@ -312,6 +314,21 @@ def test_c1_gradients_two_modalities(masked_graph):
         agm.running_scores,
         {m: (4 * C1["running"][m] + s) / 5 for m, s in (("a", 0.94805212074), ("v", 0.9310792840405))},
     )
+
+
+class ScaledLossOnly(MixedPrecision):
+    """16-mixed's GradScaler without autocast: the loss scale is the only difference from 32-true."""
+
+    def forward_context(self):
+        return contextlib.nullcontext()
+
+
+@pytest.mark.parametrize("masked_graph", ["head", "full"])
+def test_the_loss_scale_is_undone_in_the_masked_pass_gradients(masked_graph):
+    """The head gradient of the masked passes comes from the backward at the GradScaler's scale: undone exactly."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    _, _, modulated, _ = one_step(C1, masked_graph=masked_graph, plugins=[ScaledLossOnly("16-mixed", "cpu", scaler)])
+    close(modulated, C1_MODULATED)
 
 
 @pytest.mark.parametrize("masked_graph", ["head", "full"])
@@ -451,13 +468,12 @@ def test_five_modalities_warn_about_the_forward_count():
 
 def test_a_non_finite_masked_pass_gradient_falls_back_to_no_graph(monkeypatch):
     """A float16 overflow in the head's masked-pass gradient: that step modulates as ``masked_graph='none'``."""
-    import lightning_mmbalance.callbacks.agm as module
+    masked_gradients = AGM._masked_gradients
 
-    def overflow(trainer, loss, params, into, encoder_outputs=()):
-        for buffer in into:
-            buffer.fill_(math.inf)
+    def overflow(self, trainer, residuals, grad):
+        return masked_gradients(self, trainer, residuals, grad).fill_(math.inf)
 
-    monkeypatch.setattr(module, "add_loss_gradients", overflow)
+    monkeypatch.setattr(AGM, "_masked_gradients", overflow)
     with pytest.warns(UserWarning, match=r"AGM: the masked passes' head gradient is not finite at step 0 .*'none'"):
         _, fallback = fit([AGM(head_grad_clip=None)], max_steps=2)
     _, plain = fit([AGM(masked_graph="none", head_grad_clip=None)], max_steps=2)

@@ -7,7 +7,7 @@ into Lightning's backward and optimizer step.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -21,8 +21,6 @@ from torch import Tensor, nn
 from lightning_mmbalance.callbacks.base import (
     BalancingCallback,
     StepStatistics,
-    add_loss_gradients,
-    flat_buffers,
     loss_scale,
 )
 from lightning_mmbalance.callbacks.heldout import eval_mode
@@ -129,11 +127,13 @@ class AGM(BalancingCallback):
         self.running_scores: dict[str, float] = {}
         self.steps = 0
         self._coalitions: list[frozenset[str]] = []
-        self._residual: dict[str, list[float]] = {}
+        self._weights: dict[tuple[torch.dtype, torch.device], Tensor] = {}
         self._shared: list[nn.Parameter] = []
         self._targets: list[nn.Parameter] = []
         self._batch: Any = None
         self._micro: dict[str, Tensor] = {}
+        self._awaiting: tuple[StepRecord, Tensor, Any] | None = None
+        self._logit_grad: Tensor | None = None
         self._optimizer: torch.optim.Optimizer | None = None
         self._fallback_warned = False
 
@@ -170,8 +170,7 @@ class AGM(BalancingCallback):
                 f"about {2**n - 1} forwards long."
             )
         self._coalitions = agm_masked_coalitions(self.modalities)
-        weights = _response_weights(self.modalities)
-        self._residual = {m: [weights[m][t] for t in self._coalitions] for m in self.modalities}
+        self._weights = {}
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Find the shared parameters and those that receive the masked passes' gradients."""
@@ -185,26 +184,71 @@ class AGM(BalancingCallback):
     # ------------------------------------------------------------------ every micro-batch
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
         """Keep the micro-batch for the masked forwards."""
-        self._batch = batch
+        self._batch, self._awaiting, self._logit_grad = batch, None, None
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
-        """Run the masked forwards; add the responses' scores and the masked passes' gradients to the step's sums."""
+        """Run the masked forwards and score the responses; with graphs, catch ``dL / d(fused logits)`` in backward."""
         record = self.take_record(pl_module)
         batch, self._batch = self._batch, None
-        logits = self._masked_logits(trainer, pl_module, batch)
-        residuals = [
-            torch.stack([c * z for c, z in zip(self._residual[m], logits, strict=True)]).sum(0) for m in self.modalities
-        ]
+        residuals = self._residuals(self._masked_logits(trainer, pl_module, batch))
         full = record.output.logits.detach() / len(self.modalities)
-        scores, correct = _agm_score_update([full + r.detach() for r in residuals], record.output.targets)
+        scores, correct = _agm_score_update(full + residuals.detach(), record.output.targets)
         self._micro = {"score": scores, "correct": correct}
-        if self._targets:  # R_N = -(R_1 + ... + R_{N-1}): N - 1 gradients suffice
-            buffer, views = flat_buffers(self._targets, rows=len(self.modalities) - 1)
-            g = self._logit_gradient(trainer, record)
-            for residual, rows in zip(residuals[:-1], views, strict=True):
-                add_loss_gradients(trainer, (g * residual).sum(), self._targets, rows)
-            self._micro["correction"] = buffer
+        if not self._targets:
+            self._accumulate(record)
+            return
+        logits = record.output.logits
+        handle = logits.register_hook(self._keep_logit_gradient) if logits.requires_grad else None
+        self._awaiting = (record, residuals, handle)
+
+    def _keep_logit_gradient(self, grad: Tensor) -> None:
+        self._logit_grad = grad
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Add the masked passes' gradients (``R_N = -(R_1 + ... + R_{N-1})``: N - 1 of them) to the step's sums."""
+        if self._awaiting is None:
+            return
+        (record, residuals, handle), self._awaiting = self._awaiting, None
+        if handle is not None:
+            handle.remove()
+        grad, self._logit_grad = self._logit_grad, None
+        self._micro["correction"] = self._masked_gradients(trainer, residuals, grad)
         self._accumulate(record)
+
+    def _masked_gradients(self, trainer: pl.Trainer, residuals: Tensor, grad: Tensor | None) -> Tensor:
+        """``(N - 1, P)``: row ``i`` the gradient of ``<g, R_i>`` over the flattened targets (zero without ``g``).
+
+        ``grad`` is the backward's ``g``, at the AMP scale (undone here) and divided by the accumulation, as Lightning's
+        backward adds to ``.grad``. At least float32.
+        """
+        targets, rows = self._targets, len(self.modalities) - 1
+        dtype = torch.promote_types(targets[0].dtype, torch.float32)
+        if grad is None:  # the loss does not reach the fused logits
+            return torch.zeros(rows, sum(p.numel() for p in targets), dtype=dtype, device=targets[0].device)
+        grad = grad.to(residuals.dtype)
+        flat = []
+        for i in range(rows):
+            parts = torch.autograd.grad(residuals[i], targets, grad, retain_graph=i < rows - 1, allow_unused=True)
+            flat.append(
+                torch.cat(
+                    [(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(targets, parts, strict=True)]
+                )
+            )
+        return torch.stack(flat).to(dtype) / loss_scale(trainer)
+
+    def _residuals(self, logits: list[Tensor]) -> Tensor:
+        """``(M, B, C)``: each response less the full set's share, ``sum_T c[m][T] F(T)`` over the masked coalitions.
+
+        At least float32; keeps the masked passes' graphs.
+        """
+        stacked = torch.stack(logits)
+        stacked = stacked.to(torch.promote_types(stacked.dtype, torch.float32))
+        key = (stacked.dtype, stacked.device)
+        if key not in self._weights:
+            weights = _response_weights(self.modalities)
+            rows = [[weights[m][t] for t in self._coalitions] for m in self.modalities]
+            self._weights[key] = torch.tensor(rows, dtype=stacked.dtype, device=stacked.device)
+        return torch.tensordot(self._weights[key], stacked, dims=1)
 
     def _masked_logits(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> list[Tensor]:
         """The fused logits of every masked coalition: eval mode, flags restored, no RNG drawn, training precision."""
@@ -219,13 +263,6 @@ class AGM(BalancingCallback):
                 masked_forward(pl_module, batch, everything - kept, self._encoders, self.forward_fn).logits
                 for kept in self._coalitions
             ]
-
-    @staticmethod
-    def _logit_gradient(trainer: pl.Trainer, record: StepRecord) -> Tensor:
-        """``g = dL / d(fused logits)`` of the micro-batch, taken at the AMP scale and unscaled (at least float32)."""
-        scale = loss_scale(trainer)
-        (g,) = torch.autograd.grad(record.loss * scale, record.output.logits, retain_graph=True)
-        return g.to(torch.promote_types(g.dtype, torch.float32)) / scale
 
     def step_statistics(self, record: StepRecord) -> dict[str, Tensor]:
         """Per modality the summed capped cross-entropy and correct predictions; the masked passes' gradients."""
@@ -290,8 +327,11 @@ class AGM(BalancingCallback):
         """``.grad <- f_p grad + c_p`` (gradient mode), or ``grad + c_p / f_p`` and the update scaled by ``f_p``."""
         if correction is not None:
             last = coefficients[self.modalities[-1]]
-            weights = [(coefficients[m] - last) / trainer.world_size for m in self.modalities[:-1]]
-            correction = torch.tensor(weights, dtype=correction.dtype, device=correction.device) @ correction
+            rows = correction.unbind()
+            combined = rows[0] * ((coefficients[self.modalities[0]] - last) / trainer.world_size)
+            for m, row in zip(self.modalities[1:-1], rows[1:], strict=True):
+                combined.add_(row, alpha=(coefficients[m] - last) / trainer.world_size)
+            correction = combined
             if not bool(correction.isfinite().all()):
                 correction = None
                 if not self._fallback_warned:
@@ -300,22 +340,18 @@ class AGM(BalancingCallback):
                         f"AGM: the masked passes' head gradient is not finite at step {trainer.global_step} (a float16 "
                         "overflow); that step modulates as `masked_graph='none'` would. Shown once."
                     )
-        offsets = dict(zip(map(id, self._targets), _offsets(self._targets), strict=True))
-        for params, factor in self._factors(coefficients):
-            params = [p for p in params if p.grad is not None]
-            grads = [p.grad for p in params]
-            if self.modulate == "gradient" and factor != 1.0:
-                torch._foreach_mul_(grads, factor)  # type: ignore[arg-type]
-            if self.modulate == "update":
-                self.scale_update_after_step(params, [factor] * len(params))
-            if correction is None:
-                continue
-            divisor = factor if self.modulate == "update" else 1.0
-            for p in params:
-                if id(p) in offsets:
-                    start = offsets[id(p)]
-                    part = correction[start : start + p.numel()].view_as(p.grad)  # type: ignore[arg-type]
-                    p.grad.add_(part.to(p.grad.dtype), alpha=1.0 / divisor)  # type: ignore[union-attr]
+        scaled = [(p, f) for params, f in self._factors(coefficients) for p in params if p.grad is not None and f != 1]
+        if scaled and self.modulate == "gradient":  # one pass over every gradient
+            torch._foreach_mul_([p.grad for p, _ in scaled if p.grad is not None], [f for _, f in scaled])
+        if scaled and self.modulate == "update":
+            self.scale_update_after_step([p for p, _ in scaled], [f for _, f in scaled])
+        if correction is not None:  # every target's factor is the mean k (see `_factors`)
+            divisor = sum(coefficients.values()) / len(coefficients) if self.modulate == "update" else 1.0
+            parts = torch.split(correction, [p.numel() for p in self._targets])
+            pairs = [(g, part) for p, part in zip(self._targets, parts, strict=True) if (g := p.grad) is not None]
+            if pairs:
+                grads = [g for g, _ in pairs]
+                torch._foreach_add_(grads, [c.view_as(g).to(g.dtype) for g, c in pairs], alpha=1.0 / divisor)
 
     def _clip(self) -> float:
         """The official conditional clip: 1.0 if it fired, else 0.0."""
@@ -354,15 +390,6 @@ class AGM(BalancingCallback):
         super().load_state_dict(state_dict)
         self.running_scores = {m: float(v) for m, v in state_dict.get("running_scores", {}).items()}
         self.steps = int(state_dict.get("steps", 0))
-
-
-def _offsets(params: Sequence[nn.Parameter]) -> list[int]:
-    """Where each parameter starts in a flat buffer over ``params``."""
-    starts, total = [], 0
-    for p in params:
-        starts.append(total)
-        total += p.numel()
-    return starts
 
 
 @contextmanager
