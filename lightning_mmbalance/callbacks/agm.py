@@ -15,7 +15,6 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
-from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor, nn
 
 from lightning_mmbalance.callbacks.base import (
@@ -251,10 +250,11 @@ class AGM(BalancingCallback):
         return torch.tensordot(self._weights[key], stacked, dims=1)
 
     def _masked_logits(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> list[Tensor]:
-        """The fused logits of every masked coalition: eval mode, flags restored, no RNG drawn, training precision."""
+        """The fused logits of every masked coalition: eval mode, flags and torch's RNG restored, training precision."""
         everything = frozenset(self.modalities)
+        device = pl_module.device
         with (
-            isolate_rng(),
+            torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []),
             eval_mode(pl_module, grad=self.masked_graph != "none"),
             trainer.precision_plugin.forward_context(),
             _without_graph(self._encoders.values(), self.masked_graph == "head"),

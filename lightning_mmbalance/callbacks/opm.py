@@ -7,7 +7,7 @@ micro-batch, what to drop, and applies it with a forward hook on every encoder. 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -117,6 +117,7 @@ class OPM(BalancingCallback):
         self.seed = seed
         self.forward_fn = forward_fn
         self._hooks: list[RemovableHandle] = []
+        self._norm_layers: list[nn.Module] = []
         self._stored: dict[str, float] | None = None  # lagged mode: q for the next step
         self._seen_dims: dict[str, int] | None = None  # lagged mode: feature widths of the last recorded output
         self._announced = False
@@ -171,6 +172,15 @@ class OPM(BalancingCallback):
             # and Dynamo does not guard on forward hooks: drop that code so that this fit traces the hooks.
             rank_zero_info("OPM: resetting torch.compile's caches, so that the compiled module traces OPM's hooks.")
             torch._dynamo.reset()
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Find the norm layers whose running statistics the pre-pass must leave as they are."""
+        super().on_train_start(trainer, pl_module)
+        self._norm_layers = [
+            layer
+            for layer in pl_module.modules()
+            if isinstance(layer, nn.modules.batchnorm._NormBase) and layer.track_running_stats
+        ]
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Disarm and remove the encoder hooks."""
@@ -255,16 +265,17 @@ class OPM(BalancingCallback):
             torch.no_grad(),
             trainer.precision_plugin.train_step_context(),
             torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []),
-            _norm_statistics_kept(pl_module),
+            _norm_statistics_kept(self._norm_layers),
         ):
             output = run_forward(self.forward_fn, pl_module, batch)
         logits = [output.unimodal_logits[m] for m in self.modalities]
         local = _ogm_score_update(logits, output.targets).to(torch.float64)
         self._clean_scores = local
         self._batch_size = int(output.targets.shape[0])
+        if trainer.world_size == 1:
+            return output, dict(zip(self.modalities, local.tolist(), strict=True))
         row = torch.cat([local, torch.tensor([self._batch_size], dtype=torch.float64, device=local.device)])
-        if trainer.world_size > 1:
-            row = trainer.strategy.reduce(row, reduce_op="sum")
+        row = trainer.strategy.reduce(row, reduce_op="sum")
         return output, dict(zip(self.modalities, row[:-1].tolist(), strict=True))
 
     def _announce(self, trainer: pl.Trainer, dims: Mapping[str, int] | None) -> None:
@@ -366,14 +377,13 @@ def _feature_widths(output: MultimodalOutput, modalities: tuple[str, ...]) -> di
 
 
 @contextlib.contextmanager
-def _norm_statistics_kept(module: nn.Module) -> Iterator[None]:
-    """Restore every norm layer's running statistics on exit (a pre-pass must not update them)."""
+def _norm_statistics_kept(layers: Sequence[nn.Module]) -> Iterator[None]:
+    """Restore the running statistics of the norm ``layers`` on exit (a pre-pass must not update them)."""
     saved = [
         (buffer, buffer.clone())
-        for layer in module.modules()
-        if isinstance(layer, nn.modules.batchnorm._NormBase) and layer.track_running_stats
+        for layer in layers
         for buffer in (layer.running_mean, layer.running_var, layer.num_batches_tracked)
-        if buffer is not None
+        if isinstance(buffer, Tensor)
     ]
     try:
         yield
