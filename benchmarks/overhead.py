@@ -158,18 +158,20 @@ class InfoRegTrace(UnimodalLosses):
 
 
 class InfoRegTraceAndPull(InfoRegTrace):
-    """InfoReg's unavoidable work, and nothing else: its loss, the trace terms, and each step the proximal pull of one
-    encoder's gradient toward its epoch-start weights (``g += c (theta - theta_0)``: two passes over the encoder)."""
+    """InfoReg's unavoidable work, and nothing else: its loss, the trace terms, the epoch-start weights of every encoder
+    (the windows are all open in a first epoch), and each step the proximal pull of one encoder's gradient toward them
+    (``g += c (theta - theta_0)``, two passes over the encoder; InfoReg pulls one of the two a step here)."""
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
-        self.pulled = list(self.encoder_parameters(self.modalities[0]))
-        self.anchors = [p.detach().clone() for p in self.pulled]
+        self.pulled = [list(self.encoder_parameters(m)) for m in self.modalities]
+        self.anchors = [[p.detach().clone() for p in params] for params in self.pulled]
 
     def on_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stats: StepStatistics) -> None:
-        grads = [p.grad for p in self.pulled if p.grad is not None]
-        torch._foreach_add_(grads, [p.detach() for p in self.pulled], alpha=0.1)
-        torch._foreach_add_(grads, self.anchors, alpha=-0.1)
+        i = trainer.global_step % len(self.pulled)
+        grads = [p.grad for p in self.pulled[i] if p.grad is not None]
+        torch._foreach_add_(grads, [p.detach() for p in self.pulled[i]], alpha=0.1)
+        torch._foreach_add_(grads, self.anchors[i], alpha=-0.1)
         super().on_step(trainer, pl_module, stats)
 
 
