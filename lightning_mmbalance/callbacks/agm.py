@@ -189,16 +189,17 @@ class AGM(BalancingCallback):
         """Run the masked forwards and score the responses; with graphs, catch ``dL / d(fused logits)`` in backward."""
         record = self.take_record(pl_module)
         batch, self._batch = self._batch, None
-        residuals = self._residuals(self._masked_logits(trainer, pl_module, batch))
-        full = record.output.logits.detach() / len(self.modalities)
-        scores, correct = _agm_score_update(full + residuals.detach(), record.output.targets)
-        self._micro = {"score": scores, "correct": correct}
+        responses = self._responses(self._masked_logits(trainer, pl_module, batch), record.output.logits.detach())
+        targets = record.output.targets
+        self._micro = {"score": _agm_score_update(responses, targets)}
+        if self.logs_this_step(trainer):  # the responses' accuracy, logged
+            self._micro["correct"] = (responses.detach().argmax(2) == targets).sum(1).double()
         if not self._targets:
             self._accumulate(record)
             return
         logits = record.output.logits
         handle = logits.register_hook(self._keep_logit_gradient) if logits.requires_grad else None
-        self._awaiting = (record, residuals, handle)
+        self._awaiting = (record, responses, handle)
 
     def _keep_logit_gradient(self, grad: Tensor) -> None:
         self._logit_grad = grad
@@ -207,27 +208,28 @@ class AGM(BalancingCallback):
         """Add the masked passes' gradients (``R_N = -(R_1 + ... + R_{N-1})``: N - 1 of them) to the step's sums."""
         if self._awaiting is None:
             return
-        (record, residuals, handle), self._awaiting = self._awaiting, None
+        (record, responses, handle), self._awaiting = self._awaiting, None
         if handle is not None:
             handle.remove()
         grad, self._logit_grad = self._logit_grad, None
-        self._micro["correction"] = self._masked_gradients(trainer, residuals, grad)
+        self._micro["correction"] = self._masked_gradients(trainer, responses, grad)
         self._accumulate(record)
 
-    def _masked_gradients(self, trainer: pl.Trainer, residuals: Tensor, grad: Tensor | None) -> Tensor:
-        """``(N - 1, P)``: row ``i`` the gradient of ``<g, R_i>`` over the flattened targets (zero without ``g``).
+    def _masked_gradients(self, trainer: pl.Trainer, responses: Tensor, grad: Tensor | None) -> Tensor:
+        """``(N - 1, P)``: row ``m`` the gradient of ``<g, R_m>`` over the flattened targets (zero without ``g``).
 
-        ``grad`` is the backward's ``g``, at the AMP scale (undone here) and divided by the accumulation, as Lightning's
-        backward adds to ``.grad``. At least float32.
+        ``R_m`` is the masked passes' part of response ``m``: the response's gradient, the full set's logits being
+        detached. ``grad`` is the backward's ``g``, at the AMP scale (undone here) and divided by the accumulation, as
+        Lightning's backward adds to ``.grad``. At least float32.
         """
         targets, rows = self._targets, len(self.modalities) - 1
         dtype = torch.promote_types(targets[0].dtype, torch.float32)
         if grad is None:  # the loss does not reach the fused logits
             return torch.zeros(rows, sum(p.numel() for p in targets), dtype=dtype, device=targets[0].device)
-        grad = grad.to(residuals.dtype)
+        grad = grad.to(responses.dtype)
         flat = []
         for i in range(rows):
-            parts = torch.autograd.grad(residuals[i], targets, grad, retain_graph=i < rows - 1, allow_unused=True)
+            parts = torch.autograd.grad(responses[i], targets, grad, retain_graph=i < rows - 1, allow_unused=True)
             flat.append(
                 torch.cat(
                     [(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(targets, parts, strict=True)]
@@ -235,17 +237,18 @@ class AGM(BalancingCallback):
             )
         return torch.stack(flat).to(dtype) / loss_scale(trainer)
 
-    def _residuals(self, logits: list[Tensor]) -> Tensor:
-        """``(M, B, C)``: each response less the full set's share, ``sum_T c[m][T] F(T)`` over the masked coalitions.
+    def _responses(self, masked: list[Tensor], full: Tensor) -> Tensor:
+        """``(M, B, C)`` mono-modal responses ``sum_T c[m][T] F(T)``, at least float32.
 
-        At least float32; keeps the masked passes' graphs.
+        ``masked`` are the masked coalitions' logits (their graphs kept), ``full`` the training forward's, detached.
         """
-        stacked = torch.stack(logits)
+        stacked = torch.stack([*masked, full])
         stacked = stacked.to(torch.promote_types(stacked.dtype, torch.float32))
         key = (stacked.dtype, stacked.device)
         if key not in self._weights:
             weights = _response_weights(self.modalities)
-            rows = [[weights[m][t] for t in self._coalitions] for m in self.modalities]
+            coalitions = [*self._coalitions, frozenset(self.modalities)]
+            rows = [[weights[m][t] for t in coalitions] for m in self.modalities]
             self._weights[key] = torch.tensor(rows, dtype=stacked.dtype, device=stacked.device)
         return torch.tensordot(self._weights[key], stacked, dims=1)
 

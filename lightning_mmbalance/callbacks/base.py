@@ -889,20 +889,23 @@ def _reduce(
         return StepStatistics({}, 0.0)
     host = {key: v.reshape(-1) for key, v in sums.items() if key not in kept}
     device = next(iter(sums.values())).device
-    count_row = torch.tensor([count], dtype=torch.float64, device=device)
-    stacked = torch.cat([*host.values(), count_row, *(v.reshape(-1) for key, v in sums.items() if key in kept)])
-    if trainer.world_size > 1:
+    counted = trainer.world_size > 1  # the count joins the collective; one process knows it already
+    rows = [*host.values(), *([torch.tensor([count], dtype=torch.float64, device=device)] if counted else [])]
+    stacked = torch.cat([*rows, *(v.reshape(-1) for key, v in sums.items() if key in kept)])
+    if counted:
         stacked = trainer.strategy.reduce(stacked, reduce_op="sum")
     size = sum(v.numel() for v in host.values())
-    values = stacked[: size + 1].tolist()
+    values = stacked[: size + counted].tolist()
+    if counted:
+        count = values.pop()
     out: dict[str, list[float]] = {}
     offset = 0
     for key, v in host.items():
         out[key] = values[offset : offset + v.numel()]
         offset += v.numel()
     tensors: dict[str, Tensor] = {}
-    offset += 1
+    offset += counted
     for key in (key for key in sums if key in kept):
         tensors[key] = stacked[offset : offset + sums[key].numel()].view_as(sums[key])
         offset += sums[key].numel()
-    return StepStatistics(out, values[-1], tensors)
+    return StepStatistics(out, count, tensors)

@@ -110,12 +110,10 @@ def agm_mono_responses(
 
 
 def _agm_score_update(responses: Tensor, targets: Tensor, min_prob: float = MIN_PROB) -> Tensor:
-    """``(2, M)`` float64 sums over ``(M, B, C)`` responses, unchecked: capped cross-entropy, correct predictions."""
+    """``(M,)`` float64 sums of the capped cross-entropy over the batch of ``(M, B, C)`` responses, unchecked."""
     z = responses.detach().double()
     index = targets.long().view(1, -1, 1).expand(z.shape[0], -1, 1)
-    losses = (-F.log_softmax(z, dim=2).gather(2, index)).clamp(max=-math.log(min_prob)).sum((1, 2))
-    correct = (z.argmax(2) == targets).sum(1).double()
-    return torch.stack([losses, correct])
+    return (-F.log_softmax(z, dim=2).gather(2, index)).clamp(max=-math.log(min_prob)).sum((1, 2))
 
 
 def agm_scores(responses: Mapping[str, Tensor], targets: Tensor, min_prob: float = MIN_PROB) -> dict[str, Tensor]:
@@ -141,7 +139,7 @@ def agm_scores(responses: Mapping[str, Tensor], targets: Tensor, min_prob: float
     if isinstance(min_prob, bool) or not (isinstance(min_prob, float | int) and 0 < min_prob < 1):
         raise ValueError(f"`min_prob` must be a float in (0, 1), got {min_prob!r}.")
     batch, _ = check_class_logits(responses, targets, "response")
-    sums = _agm_score_update(torch.stack(list(responses.values())), targets, min_prob)[0] / max(batch, 1)
+    sums = _agm_score_update(torch.stack(list(responses.values())), targets, min_prob) / max(batch, 1)
     return dict(zip(responses, sums.unbind(), strict=True))
 
 
