@@ -268,7 +268,10 @@ class AGM(BalancingCallback):
             ]
 
     def step_statistics(self, record: StepRecord) -> dict[str, Tensor]:
-        """Per modality the summed capped cross-entropy and correct predictions; the masked passes' gradients."""
+        """Per modality the summed capped cross-entropy, and the masked passes' gradients.
+
+        On logged steps also the responses' correct predictions.
+        """
         micro, self._micro = self._micro, {}
         return micro
 
