@@ -9,6 +9,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_mmbalance import OGMGE, MultimodalOutput, multimodal_loss
+from lightning_mmbalance.callbacks.base import in_window
 from lightning_mmbalance.functional import ogm_coefficients, ogm_scores
 from lightning_mmbalance.functional.ogm_ge import _ogm_noise_seed
 from tests.helpers.tiny import SaveParams, TinyData, TinyModel, assert_states_close, load_ranks, trainer_kwargs
@@ -428,7 +429,8 @@ def test_p6_unequal_scores_ignore_the_tie_rule():
 def test_p6_journal_window():
     """Journal warm-up (epochs <= 5 off) with window 0-60 is `modulation_starts=6, modulation_ends=60`."""
     journal = OGMGE(alpha=0.8, modulation_starts=6, modulation_ends=60, tie="last", param_filter="conv")
-    assert [journal._in_window(e) for e in (0, 5, 6, 60, 61)] == [False, False, True, True, False]
+    window = journal.modulation_starts, journal.modulation_ends
+    assert [in_window(e, *window) for e in (0, 5, 6, 60, 61)] == [False, False, True, True, False]
 
 
 def test_o4_tie_last_damps_the_second_modality():

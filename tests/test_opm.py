@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 
 import lightning_mmbalance.callbacks.opm as opm_module
 from lightning_mmbalance import OPM, ConcatFusion, MultimodalOutput, multimodal_loss
+from lightning_mmbalance.callbacks.base import in_window
 from lightning_mmbalance.functional import (
     ogm_scores,
     opm_drop_features,
@@ -647,5 +648,11 @@ def test_module_compiled_in_an_earlier_fit_still_drops():
 
 
 def test_p6_default_window_is_the_official_warm_up():
-    assert [OPM()._in_window(e) for e in (0, 5, 6, 99)] == [False, False, True, True]
-    assert [OPM(modulation_starts=0, modulation_ends=2)._in_window(e) for e in (0, 2, 3)] == [True, True, False]
+    default, short = OPM(), OPM(modulation_starts=0, modulation_ends=2)
+    assert [in_window(e, default.modulation_starts, default.modulation_ends) for e in (0, 5, 6, 99)] == [
+        False,
+        False,
+        True,
+        True,
+    ]
+    assert [in_window(e, short.modulation_starts, short.modulation_ends) for e in (0, 2, 3)] == [True, True, False]

@@ -20,20 +20,21 @@ from torch import Tensor, nn
 from lightning_mmbalance.callbacks.base import (
     BalancingCallback,
     StepStatistics,
+    in_window,
     loss_scale,
 )
 from lightning_mmbalance.callbacks.heldout import eval_mode
 from lightning_mmbalance.contract import ForwardFn, StepRecord
 from lightning_mmbalance.functional.agm import (
     _agm_score_update,
-    _response_weights,
+    _response_matrix,
     agm_coefficients,
     agm_masked_coalitions,
     agm_ratios,
     agm_update_running,
 )
 from lightning_mmbalance.masking import masked_forward
-from lightning_mmbalance.utilities.checks import check_callable, check_choice, check_float, check_int
+from lightning_mmbalance.utilities.checks import check_callable, check_choice, check_float, check_window
 from lightning_mmbalance.utilities.distributed import global_sums, squared_norm
 
 __all__ = ["AGM", "MASKED_GRAPHS"]
@@ -107,9 +108,7 @@ class AGM(BalancingCallback):
     ) -> None:
         super().__init__(encoders=encoders, modulate=modulate)
         check_float("alpha", alpha, 0)
-        check_int("modulation_starts", modulation_starts, 0)
-        if modulation_ends is not None:
-            check_int("modulation_ends", modulation_ends, modulation_starts)
+        check_window(modulation_starts, modulation_ends)
         if cap is not None:
             check_float("cap", cap, 0, min_open=True)
         check_choice("masked_graph", masked_graph, MASKED_GRAPHS)
@@ -246,10 +245,8 @@ class AGM(BalancingCallback):
         stacked = stacked.to(torch.promote_types(stacked.dtype, torch.float32))
         key = (stacked.dtype, stacked.device)
         if key not in self._weights:
-            weights = _response_weights(self.modalities)
-            coalitions = [*self._coalitions, frozenset(self.modalities)]
-            rows = [[weights[m][t] for t in coalitions] for m in self.modalities]
-            self._weights[key] = torch.tensor(rows, dtype=stacked.dtype, device=stacked.device)
+            matrix = _response_matrix(self.modalities)
+            self._weights[key] = torch.tensor(matrix, dtype=stacked.dtype, device=stacked.device)
         return torch.tensordot(self._weights[key], stacked, dims=1)
 
     def _masked_logits(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> list[Tensor]:
@@ -302,7 +299,7 @@ class AGM(BalancingCallback):
         logging = self.logs_this_step(trainer)
         before = self._encoder_squares(pl_module.device) if logging else None
         applied = dict.fromkeys(self.modalities, 1.0)
-        if self._in_window(trainer.current_epoch):
+        if in_window(trainer.current_epoch, self.modulation_starts, self.modulation_ends):
             applied = coefficients
             self._modulate(trainer, coefficients, stats.tensors.get("correction"))
         clipped = self._clip()
@@ -318,9 +315,6 @@ class AGM(BalancingCallback):
             }
             self.log_values(pl_module, values, cadence_checked=True)
             self.report_step_ratio(trainer, pl_module, self._step_ratios(trainer, before, applied))
-
-    def _in_window(self, epoch: int) -> bool:
-        return self.modulation_starts <= epoch and (self.modulation_ends is None or epoch <= self.modulation_ends)
 
     def _factors(self, coefficients: Mapping[str, float]) -> list[tuple[list[nn.Parameter], float]]:
         """(parameters, factor f_p): ``k_m`` for encoder ``m`` (not in ``"full"``), the mean ``k`` for the others."""

@@ -736,6 +736,11 @@ class BalancingCallback(MultimodalCallback):
         super().teardown(trainer, pl_module, stage)
 
 
+def in_window(epoch: int, modulation_starts: int, modulation_ends: int | None) -> bool:
+    """Whether ``epoch`` lies in the modulation window ``[modulation_starts, modulation_ends]`` (None: no end)."""
+    return modulation_starts <= epoch and (modulation_ends is None or epoch <= modulation_ends)
+
+
 def remove_hooks(handles: list[RemovableHandle]) -> None:
     """Remove every hook in ``handles`` (forward, optimizer step, ...) and empty the list."""
     for handle in handles:

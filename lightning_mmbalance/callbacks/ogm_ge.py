@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 
-from lightning_mmbalance.callbacks.base import BalancingCallback, StepStatistics
+from lightning_mmbalance.callbacks.base import BalancingCallback, StepStatistics, in_window
 from lightning_mmbalance.contract import StepRecord
 from lightning_mmbalance.functional.ogm_ge import (
     TIE_RULES,
@@ -22,7 +22,7 @@ from lightning_mmbalance.functional.ogm_ge import (
     _ogm_ratio_compute,
     _ogm_score_update,
 )
-from lightning_mmbalance.utilities.checks import check_bool, check_choice, check_float, check_int
+from lightning_mmbalance.utilities.checks import check_bool, check_choice, check_float, check_int, check_window
 from lightning_mmbalance.utilities.distributed import distribute_like, global_sums, local, squared_norm
 
 __all__ = ["OGMGE"]
@@ -99,9 +99,7 @@ class OGMGE(BalancingCallback):
     ) -> None:
         super().__init__(encoders=encoders, modulate=modulate)
         check_float("alpha", alpha, 0)
-        check_int("modulation_starts", modulation_starts, 0)
-        if modulation_ends is not None:
-            check_int("modulation_ends", modulation_ends, modulation_starts)
+        check_window(modulation_starts, modulation_ends)
         check_bool("noise", noise)
         if not callable(param_filter):
             check_choice("param_filter", param_filter, tuple(_FILTERS))
@@ -173,7 +171,7 @@ class OGMGE(BalancingCallback):
         applied = dict.fromkeys(self.modalities, 1.0)
         logging = self.logs_this_step(trainer)
         before = self._squared_norms(pl_module.device) if logging else None
-        if self._in_window(trainer.current_epoch):
+        if in_window(trainer.current_epoch, self.modulation_starts, self.modulation_ends):
             applied = coefficients
             self._apply(trainer, pl_module, coefficients)
         if logging and before is not None:
@@ -202,15 +200,12 @@ class OGMGE(BalancingCallback):
         self.check_finite(trainer, "the norms of its encoder gradients", norms)
         ratios = {}
         for i, m in enumerate(self.modalities):
-            selected, others, selected_after = values[2 * i], values[2 * i + 1], values[2 * len(self.modalities) + i]
+            selected, others, selected_after = values[2 * i], values[2 * i + 1], values[2 * n + i]
             if self.modulate == "update":  # the update of the selected tensors is scaled by k after the step
                 selected_after *= coefficients[m] ** 2
             total = selected + others
             ratios[m] = math.sqrt((selected_after + others) / total) if total > 0 else 1.0
         return ratios
-
-    def _in_window(self, epoch: int) -> bool:
-        return self.modulation_starts <= epoch and (self.modulation_ends is None or epoch <= self.modulation_ends)
 
     def _apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule, coefficients: Mapping[str, float]) -> None:
         generator = self._generator(pl_module.device, trainer.global_step) if self.noise else None

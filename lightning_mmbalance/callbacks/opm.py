@@ -18,7 +18,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_mmbalance.callbacks.base import BalancingCallback, StepStatistics, remove_hooks
+from lightning_mmbalance.callbacks.base import BalancingCallback, StepStatistics, in_window, remove_hooks
 from lightning_mmbalance.callbacks.ogm_ge import OGMGE
 from lightning_mmbalance.contract import ForwardFn, MultimodalOutput, StepRecord, run_forward
 from lightning_mmbalance.functional.ogm_ge import _ogm_ratio_compute, _ogm_score_update
@@ -31,7 +31,7 @@ from lightning_mmbalance.functional.opm import (
     opm_theta,
 )
 from lightning_mmbalance.masking import MaskingError
-from lightning_mmbalance.utilities.checks import check_bool, check_callable, check_float, check_int
+from lightning_mmbalance.utilities.checks import check_bool, check_callable, check_float, check_int, check_window
 from lightning_mmbalance.utilities.tree import map_tensors, tensor_leaves
 
 __all__ = ["OPM"]
@@ -98,9 +98,7 @@ class OPM(BalancingCallback):
         check_float("q_base", q_base, 0, 1)
         check_float("lam", lam, 0)
         check_float("p_exe", p_exe, 0, 1)
-        check_int("modulation_starts", modulation_starts, 0)
-        if modulation_ends is not None:
-            check_int("modulation_ends", modulation_ends, modulation_starts)
+        check_window(modulation_starts, modulation_ends)
         check_bool("lagged", lagged)
         if feature_dims is not None:
             if not isinstance(feature_dims, Mapping):
@@ -222,16 +220,13 @@ class OPM(BalancingCallback):
         return map_tensors(lambda t: t * _opm_scale(keep, self._theta, t) if t.is_floating_point() else t, output)
 
     # ------------------------------------------------------------------ per micro-batch
-    def _in_window(self, epoch: int) -> bool:
-        return self.modulation_starts <= epoch and (self.modulation_ends is None or epoch <= self.modulation_ends)
-
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         """Inside the window: score the micro-batch, draw the gate, and arm the encoder hooks if it drops."""
         self._reset_micro_batch()
         self._wants_statistics = self.lagged or self.logs_this_step(trainer)
-        if not self._in_window(trainer.current_epoch):
+        if not in_window(trainer.current_epoch, self.modulation_starts, self.modulation_ends):
             self._record_micro_batch(dict.fromkeys(self.modalities, 0.0), False, 1.0)
             return
         if self.lagged:

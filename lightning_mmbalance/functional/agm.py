@@ -71,6 +71,13 @@ def _response_weights(modalities: Sequence[str]) -> dict[str, dict[frozenset[str
     return {m: {t: w(len(t) - 1) if m in t else -w(len(t)) for t in coalitions} for m in modalities}
 
 
+def _response_matrix(modalities: Sequence[str]) -> list[list[float]]:
+    """``c[m][T]`` as rows per modality over the coalitions of :func:`agm_masked_coalitions`, then the full set."""
+    weights = _response_weights(modalities)
+    coalitions = [*agm_masked_coalitions(modalities), frozenset(modalities)]
+    return [[weights[m][t] for t in coalitions] for m in modalities]
+
+
 def agm_mono_responses(
     coalition_logits: Mapping[frozenset[str], Tensor], modalities: Sequence[str]
 ) -> dict[str, Tensor]:

@@ -21,6 +21,7 @@ __all__ = [
     "check_float",
     "check_int",
     "check_scores",
+    "check_window",
 ]
 
 
@@ -103,6 +104,17 @@ def check_callable(name: str, value: Any, signature: str, *, optional: bool = Tr
     if (value is None and optional) or callable(value):
         return
     raise TypeError(f"`{name}` must be callable {signature}, got {value!r}.")
+
+
+def check_window(modulation_starts: Any, modulation_ends: Any) -> None:
+    """A modulation window: ``modulation_starts`` an int >= 0, ``modulation_ends`` None or an int >= the start.
+
+    Raises:
+        ValueError / TypeError: as :func:`check_int`, naming the argument.
+    """
+    check_int("modulation_starts", modulation_starts, 0)
+    if modulation_ends is not None:
+        check_int("modulation_ends", modulation_ends, modulation_starts)
 
 
 def check_class_logits(logits: Mapping[str, Tensor], targets: Tensor, what: str) -> tuple[int, int]:
