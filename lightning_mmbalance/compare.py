@@ -212,8 +212,10 @@ class _StepRatios(Callback):
         self.values: dict[str, list[float]] = {}
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if not MultimodalCallback.logs_this_step(trainer):
+            return
         for key, value in trainer.callback_metrics.items():
-            if "/step_ratio/" in key and MultimodalCallback.logs_this_step(trainer):
+            if "/step_ratio/" in key:
                 self.values.setdefault(key.rsplit("/", 1)[-1], []).append(float(value))
 
     def medians(self) -> dict[str, float]:
